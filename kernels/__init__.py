@@ -1,0 +1,9 @@
+"""Triton kernels of ragkern (installed as ``ragkern.kernels``).
+
+Each module holds its Triton kernels, one ``torch.autograd.Function`` and a plain PyTorch reference that is
+also the CPU path. This package imports torch and triton only, never transformers or ``ragkern``.
+"""
+
+from .attention import varlen_attention
+
+__all__ = ["varlen_attention"]
