@@ -30,12 +30,14 @@ def build_word_tokenizer(
     (``encode`` then uses its plain template).
     """
     vocab: dict[str, int] = {}
-    for tok in [*SPECIAL_TOKENS, *(c for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"), *words]:
+    for tok in [*SPECIAL_TOKENS, *"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", *"0123456789", *words]:
         if tok not in vocab:
             vocab[tok] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

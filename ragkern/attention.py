@@ -1,0 +1,174 @@
+"""The "ragkern" attention implementation for Hugging Face models, and its dispatch.
+
+``import ragkern`` registers it, so ``from_pretrained(..., attn_implementation="ragkern")`` works for the
+model families whose attention goes through ``AttentionInterface`` (Llama, Qwen2/3, Mistral, Gemma, ...).
+
+Where the example boundaries come from, in order:
+  1. ``cu_seq_lens_q/k`` and ``max_length_q/k`` from :class:`ragkern.PackingCollator` (the normal path);
+  2. ``position_ids`` restarting at 0 (a fallback, inferred per row; an example that does not start at 0 is
+     merged into its predecessor, which is why the collator passes boundaries explicitly);
+  3. neither: each row is one example (an ordinary batch; a padding ``attention_mask`` is honoured).
+
+Dispatch for packed rows::
+
+    CUDA + flash-attn installed + no block mask -> flash_attn_varlen_func
+    CUDA otherwise                             -> ragkern.kernels.varlen_attention (Triton)
+    CPU                                        -> exact attention example by example
+
+Padded batches and decoding with a KV cache (query shorter than keys) run SDPA with an explicit mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from ragkern.kernels.attention import varlen_attention
+from ragkern.packing import cu_seqlens_from_position_ids
+
+try:  # optional: the `gpu` extra
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+NAME = "ragkern"
+
+
+def _unsupported(module: torch.nn.Module, longest: int, dropout: float, kwargs: dict) -> None:
+    """Raise for model features this path cannot honour rather than compute something else."""
+    window = kwargs.get("sliding_window")
+    if window is not None and longest > window:
+        raise NotImplementedError(
+            f"{type(module).__name__} uses sliding-window attention (window {window}) and an example has {longest} "
+            "tokens; the 'ragkern' attention computes full causal attention. Keep examples within the window "
+            "(max_length) or use attn_implementation='flash_attention_2'."
+        )
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            f"{type(module).__name__} soft-caps attention logits; the 'ragkern' attention does not. "
+            "Use attn_implementation='eager' for this model."
+        )
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by the 'ragkern' attention")
+    if dropout > 0.0:
+        raise NotImplementedError(
+            f"attention dropout {dropout} is not supported by the 'ragkern' attention; set attention_dropout=0"
+        )
+
+
+def _packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    scale: float | None,
+    block_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``."""
+    if q.is_cuda and flash_attn_varlen_func is not None and block_ids is None and q.dtype != torch.float32:
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal
+        )
+    return varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale, block_ids=block_ids, backend="auto"
+    )
+
+
+def _masked_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """Padded batch or cached decoding: q ``(B, Hq, Q, D)``, k/v ``(B, Hkv, K, D)`` -> ``(B, Q, Hq, D)``.
+
+    Causality is aligned bottom-right (query i is key position i + K - Q); padded keys are masked; a query
+    that would see no key (a padding position) sees all keys instead, so its output stays finite.
+    """
+    B, _, Q, _ = query.shape
+    K = key.shape[2]
+    allowed = torch.ones(B, 1, Q, K, dtype=torch.bool, device=query.device)
+    if causal:
+        allowed &= torch.ones(Q, K, dtype=torch.bool, device=query.device).tril(K - Q)
+    if attention_mask is not None:
+        allowed &= attention_mask[:, None, None, -K:].bool()
+    allowed |= ~allowed.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2)
+
+
+def ragkern_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` entry point: q ``(B, Hq, Q, D)``, k/v ``(B, Hkv, K, D)`` -> ``(B, Q, Hq, D)``."""
+    B, Hq, Q, D = query.shape
+    K = key.shape[2]
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    cu = kwargs.get("cu_seq_lens_q")
+    block_ids = kwargs.get("block_ids")
+
+    if cu is not None:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
+            raise NotImplementedError("the 'ragkern' attention needs cu_seq_lens_k == cu_seq_lens_q")
+        if B != 1 or Q != K:
+            raise ValueError(
+                f"cu_seq_lens_q describes one packed row; got batch {B}, {Q} queries and {K} keys "
+                "(packed rows have batch size 1 and no KV cache)"
+            )
+        cu = cu.to(device=query.device, dtype=torch.int32)
+        max_len = kwargs.get("max_length_q")
+        max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
+    elif attention_mask is None and Q == K and kwargs.get("position_ids") is not None:
+        # Fallback: infer boundaries per row from position_ids restarting at 0; rows are flattened.
+        pos = kwargs["position_ids"].expand(B, -1)
+        cus = [cu_seqlens_from_position_ids(pos[b]) + b * Q for b in range(B)]
+        cu = torch.cat([cus[0]] + [c[1:] for c in cus[1:]]).to(device=query.device, dtype=torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+    elif attention_mask is None and Q == K:
+        cu = torch.arange(0, (B + 1) * Q, Q, dtype=torch.int32, device=query.device)
+        max_len = Q
+    else:
+        _unsupported(module, K, dropout, kwargs)
+        return _masked_sdpa(query, key, value, attention_mask, causal=causal, scale=scaling), None
+
+    _unsupported(module, max_len, dropout, kwargs)
+    q = query.transpose(1, 2).reshape(B * Q, Hq, D)  # (T, Hq, D)
+    k = key.transpose(1, 2).reshape(B * K, key.shape[1], D)
+    v = value.transpose(1, 2).reshape(B * K, value.shape[1], D)
+    if block_ids is not None:
+        block_ids = block_ids.reshape(-1).to(device=query.device, dtype=torch.int32)
+    out = _packed_attention(q, k, v, cu, max_len, causal=causal, scale=scaling, block_ids=block_ids)
+    return out.reshape(B, Q, Hq, D), None
+
+
+def ragkern_mask(batch_size: int, q_length: int, kv_length: int, *args, attention_mask=None, **kwargs):
+    """Mask hook: keep only a 2-D padding mask (``(B, K)`` bool) when it masks something, else ``None``."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def register() -> None:
+    """Register "ragkern" with transformers' attention and mask interfaces (done by ``import ragkern``)."""
+    AttentionInterface.register(NAME, ragkern_attention_forward)
+    AttentionMaskInterface.register(NAME, ragkern_mask)

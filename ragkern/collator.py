@@ -1,0 +1,69 @@
+"""PackingCollator: the examples of a micro-batch as one padding-free row with explicit boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data.encode import IGNORE_INDEX
+from .packing import cu_seqlens_from_lengths, position_ids_from_lengths
+
+
+@dataclass
+class PackingCollator:
+    """Concatenate examples into one row of shape ``(1, T)``, ``T = sum of lengths``, with no padding.
+
+    For examples A (3 tokens) and B (2 tokens)::
+
+        input_ids     a0 a1 a2 b0 b1
+        labels        -- a1 a2 -- b1     the first token of every example is -100: b0 is never
+                                         predicted from A's last token
+        position_ids   0  1  2  0  1
+        cu_seq_lens_q  [0, 3, 5]         int32 (cu_seq_lens_k is the same tensor)
+        max_length_q   3                 int (max_length_k the same)
+
+    Examples are dicts with ``input_ids`` and optionally ``labels`` (default: every token a target) and
+    ``block_ids``. ``block_ids`` (``(1, T)`` int32) is returned only when ``block_attention=True``: it turns on
+    the passage block mask of the "ragkern" attention. The output works with a plain ``transformers.Trainer``
+    whose model uses ``attn_implementation="ragkern"`` (or flash-attention, which reads the same kwargs).
+    """
+
+    block_attention: bool = False
+    return_tensors: str = "pt"
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not examples:
+            raise ValueError("PackingCollator got an empty batch")
+        lengths = []
+        ids, labels, blocks = [], [], []
+        for i, ex in enumerate(examples):
+            seq = list(ex["input_ids"])
+            if not seq:
+                raise ValueError(f"example {i} of the batch has no tokens")
+            lab = list(ex["labels"]) if ex.get("labels") is not None else list(seq)
+            if len(lab) != len(seq):
+                raise ValueError(f"example {i}: {len(lab)} labels for {len(seq)} input_ids")
+            lab[0] = IGNORE_INDEX
+            lengths.append(len(seq))
+            ids += seq
+            labels += lab
+            if self.block_attention:
+                blk = ex.get("block_ids")
+                if blk is None or len(blk) != len(seq):
+                    raise ValueError(f"example {i}: block_attention needs block_ids of the same length as input_ids")
+                blocks += list(blk)
+        max_len = max(lengths)
+        cu = cu_seqlens_from_lengths(lengths)
+        batch = {
+            "input_ids": torch.tensor(ids, dtype=torch.long).unsqueeze(0),
+            "labels": torch.tensor(labels, dtype=torch.long).unsqueeze(0),
+            "position_ids": position_ids_from_lengths(lengths).unsqueeze(0),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max_len,
+            "max_length_k": max_len,
+        }
+        if self.block_attention:
+            batch["block_ids"] = torch.tensor(blocks, dtype=torch.int32).unsqueeze(0)
+        return batch

@@ -1,0 +1,117 @@
+"""Encode a whole collection of records into a dataset of examples, with the length policy applied.
+
+Length policy (invariant 4 of DESIGN.md): a DAP document longer than ``max_length`` is split into chunks of
+``max_length`` tokens, every chunk trained; any other example longer than ``max_length`` is dropped and
+counted (or, with ``strict=True``, raises). Nothing is dropped silently: the counts are logged and kept in
+``EncodedDataset.stats``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .encode import ExampleTooLongError, RecordError, encode, record_kind
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeStats:
+    """What encoding did to the records: counts per outcome."""
+
+    records: int = 0
+    examples: int = 0
+    dropped_too_long: int = 0
+    dap_chunks: int = 0
+    dropped_ids: list = field(default_factory=list)  # ids (or indices) of dropped records
+
+    def summary(self) -> str:
+        return (
+            f"{self.records} records -> {self.examples} examples; dropped {self.dropped_too_long} longer than "
+            f"max_length; {self.dap_chunks} DAP chunks from split documents"
+        )
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Tokenized examples in memory, with their lengths (what packing needs) and the encoding stats."""
+
+    def __init__(self, examples: list[dict], stats: EncodeStats | None = None):
+        self.examples = examples
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.stats = stats or EncodeStats(records=len(examples), examples=len(examples))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def _chunks(example: dict, max_length: int) -> list[dict]:
+    n = len(example["input_ids"])
+    return [
+        {k: (v[i : i + max_length] if isinstance(v, list) else v) for k, v in example.items()}
+        for i in range(0, n, max_length)
+    ]
+
+
+def encode_records(
+    records: Iterable[dict],
+    tokenizer,
+    *,
+    max_length: int,
+    strict: bool = False,
+    show_progress: bool = True,
+) -> EncodedDataset:
+    """Encode every record (see :func:`ragkern.data.encode`) and apply the length policy.
+
+    Args:
+        records: dicts (a list, a ``datasets.Dataset`` or any iterable).
+        tokenizer: a fast tokenizer with an EOS token.
+        max_length: the longest example kept (the packed row length).
+        strict: raise on an example longer than ``max_length`` instead of dropping and counting it.
+        show_progress: show a progress bar.
+
+    Raises:
+        RecordError: a bad record; the message names its position in ``records`` and the field.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    stats = EncodeStats()
+    examples: list[dict] = []
+    total = len(records) if hasattr(records, "__len__") else None
+    for i, record in enumerate(tqdm(records, total=total, desc="encoding", disable=not show_progress)):
+        stats.records += 1
+        try:
+            is_dap = record_kind(record) == "dap"
+            example = encode(record, tokenizer, max_length=None if is_dap else max_length)
+        except ExampleTooLongError as e:
+            if strict:
+                raise RecordError(f"record #{i}: {e} (strict mode; set strict=False to drop and count)") from e
+            stats.dropped_too_long += 1
+            stats.dropped_ids.append(record.get("id", i))
+            continue
+        except RecordError as e:
+            raise RecordError(f"record #{i}: {e}", field=e.field) from e
+        if is_dap and len(example["input_ids"]) > max_length:
+            pieces = _chunks(example, max_length)
+            stats.dap_chunks += len(pieces)
+            examples.extend(pieces)
+        else:
+            examples.append(example)
+    stats.examples = len(examples)
+    if stats.dropped_too_long:
+        logger.warning(
+            "dropped %d of %d records longer than max_length=%d (first ids: %s); raise max_length or shorten them",
+            stats.dropped_too_long,
+            stats.records,
+            max_length,
+            stats.dropped_ids[:5],
+        )
+    logger.info("encoded %s", stats.summary())
+    return EncodedDataset(examples, stats)
