@@ -75,7 +75,15 @@ def _packed_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal
         )
     return varlen_attention(
-        q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale, block_ids=block_ids, backend="auto"
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen,
+        causal=causal,
+        softmax_scale=scale,
+        block_ids=block_ids,
+        backend="auto",
     )
 
 

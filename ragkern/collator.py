@@ -51,7 +51,9 @@ class PackingCollator:
             if self.block_attention:
                 blk = ex.get("block_ids")
                 if blk is None or len(blk) != len(seq):
-                    raise ValueError(f"example {i}: block_attention needs block_ids of the same length as input_ids")
+                    raise ValueError(
+                        f"example {i}: block_attention needs block_ids of the same length as input_ids"
+                    )
                 blocks += list(blk)
         max_len = max(lengths)
         cu = cu_seqlens_from_lengths(lengths)

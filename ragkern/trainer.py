@@ -28,7 +28,9 @@ class RagTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus packing and data options. ``per_device_train_batch_size`` counts packed bins
     (rows of up to ``max_length`` tokens) per micro-batch."""
 
-    max_length: int = field(default=2048, metadata={"help": "Tokens per packed bin; longer examples are dropped."})
+    max_length: int = field(
+        default=2048, metadata={"help": "Tokens per packed bin; longer examples are dropped."}
+    )
     packing: bool = field(
         default=True, metadata={"help": "Pack examples into bins of max_length tokens with boundary masking."}
     )
@@ -37,14 +39,16 @@ class RagTrainingArguments(TrainingArguments):
         metadata={"help": "Raise on an example longer than max_length instead of dropping and counting it."},
     )
     block_attention: bool = field(
-        default=False, metadata={"help": "Each retrieved passage attends only to itself (passage block mask)."}
+        default=False,
+        metadata={"help": "Each retrieved passage attends only to itself (passage block mask)."},
     )
     attn_implementation: str = field(
         default=RAGKERN_ATTENTION,
         metadata={"help": "Attention used for packed rows: 'ragkern' or a flash_attention_* implementation."},
     )
     fused_loss: bool = field(
-        default=True, metadata={"help": "Use the fused linear + cross-entropy loss (never materialises logits)."}
+        default=True,
+        metadata={"help": "Use the fused linear + cross-entropy loss (never materialises logits)."},
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs labels and block_ids."}
@@ -60,7 +64,9 @@ def _as_rag_args(args: TrainingArguments | None) -> RagTrainingArguments:
     if isinstance(args, RagTrainingArguments):
         return args
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    logger.info("RagTrainer: converting TrainingArguments to RagTrainingArguments with default packing options")
+    logger.info(
+        "RagTrainer: converting TrainingArguments to RagTrainingArguments with default packing options"
+    )
     return RagTrainingArguments(**values)
 
 
@@ -76,7 +82,9 @@ def _use_boundary_aware_attention(model: torch.nn.Module, wanted: str) -> None:
     if current == wanted:
         return
     if not hasattr(model, "set_attn_implementation"):
-        raise ValueError(f"{type(model).__name__} has no set_attn_implementation; load it with attn_implementation={wanted!r}")
+        raise ValueError(
+            f"{type(model).__name__} has no set_attn_implementation; load it with attn_implementation={wanted!r}"
+        )
     model.set_attn_implementation(wanted)
     if model.config._attn_implementation != wanted:
         raise ValueError(
@@ -156,7 +164,9 @@ class RagTrainer(Trainer):
             examples, stats = [dict(e) for e in dataset], None
         too_long = [i for i, e in enumerate(examples) if len(e["input_ids"]) > args.max_length]
         if too_long and args.strict_length:
-            raise ValueError(f"examples {too_long[:5]} are longer than max_length={args.max_length} (strict_length)")
+            raise ValueError(
+                f"examples {too_long[:5]} are longer than max_length={args.max_length} (strict_length)"
+            )
         if too_long:
             logger.warning(
                 "dropping %d tokenized examples longer than max_length=%d (first: %s)",

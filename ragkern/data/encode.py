@@ -70,7 +70,9 @@ def _string_field(record: dict, name: str) -> str:
         raise RecordError(f"missing field {name!r}", field=name, record=record)
     value = record[name]
     if not isinstance(value, str):
-        raise RecordError(f"field {name!r} must be a string, got {type(value).__name__}", field=name, record=record)
+        raise RecordError(
+            f"field {name!r} must be a string, got {type(value).__name__}", field=name, record=record
+        )
     if not value.strip():
         raise RecordError(f"field {name!r} is empty", field=name, record=record)
     return value
@@ -91,7 +93,9 @@ def _passage_texts(record: dict) -> list[str]:
         elif isinstance(p, dict) and isinstance(p.get("text"), str):
             title = p.get("title")
             if title is not None and not isinstance(title, str):
-                raise RecordError(f"passages[{i}].title must be a string", field=f"passages[{i}].title", record=record)
+                raise RecordError(
+                    f"passages[{i}].title must be a string", field=f"passages[{i}].title", record=record
+                )
             text = f"{title}: {p['text']}" if title else p["text"]
         else:
             raise RecordError(
@@ -119,7 +123,9 @@ def _render_raft(record: dict, tokenizer) -> tuple[str, str, str, list[str]]:
         messages.append({"role": "system", "content": _string_field(record, "system")})
     messages.append({"role": "user", "content": user})
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": answer}], tokenize=False
+    )
     if not text.startswith(prompt):
         raise RecordError(
             "the chat template renders the conversation so that it does not start with the prompt it renders "
@@ -153,7 +159,9 @@ def _encode_raft(record: dict, tokenizer) -> dict:
     chat = bool(getattr(tokenizer, "chat_template", None))
     a0 = text.find(answer, len(prompt))
     if a0 < 0:
-        raise RecordError("the chat template altered the answer text; cannot locate it", field="answer", record=record)
+        raise RecordError(
+            "the chat template altered the answer text; cannot locate it", field="answer", record=record
+        )
     a1 = a0 + len(answer)
 
     enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
@@ -185,7 +193,9 @@ def _encode_raft(record: dict, tokenizer) -> dict:
     for k, p in enumerate(passages, start=1):
         p0 = text.find(p, search_from)
         if p0 < 0 or p0 >= a0:
-            raise RecordError(f"the chat template altered passage {k}; cannot locate it", field="passages", record=record)
+            raise RecordError(
+                f"the chat template altered passage {k}; cannot locate it", field="passages", record=record
+            )
         p1 = p0 + len(p)
         search_from = p1
         block_ids[: len(starts)][_spans_mask(starts, ends, p0, p1)] = k
@@ -200,7 +210,12 @@ def _encode_raft(record: dict, tokenizer) -> dict:
 def _encode_dap(record: dict, tokenizer) -> dict:
     text = _string_field(record, "text")
     ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-    return {"input_ids": ids, "labels": list(ids), "block_ids": [0] * len(ids), "source": record.get("source", "dap")}
+    return {
+        "input_ids": ids,
+        "labels": list(ids),
+        "block_ids": [0] * len(ids),
+        "source": record.get("source", "dap"),
+    }
 
 
 def encode(record: dict, tokenizer, *, max_length: int | None = None) -> dict:
@@ -219,5 +234,7 @@ def encode(record: dict, tokenizer, *, max_length: int | None = None) -> dict:
     example = _encode_raft(record, tokenizer) if kind == "raft" else _encode_dap(record, tokenizer)
     n = len(example["input_ids"])
     if max_length is not None and n > max_length:
-        raise ExampleTooLongError(f"{kind} example has {n} tokens > max_length={max_length}", length=n, record=record)
+        raise ExampleTooLongError(
+            f"{kind} example has {n} tokens > max_length={max_length}", length=n, record=record
+        )
     return example

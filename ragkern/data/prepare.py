@@ -92,7 +92,9 @@ def encode_records(
             example = encode(record, tokenizer, max_length=None if is_dap else max_length)
         except ExampleTooLongError as e:
             if strict:
-                raise RecordError(f"record #{i}: {e} (strict mode; set strict=False to drop and count)") from e
+                raise RecordError(
+                    f"record #{i}: {e} (strict mode; set strict=False to drop and count)"
+                ) from e
             stats.dropped_too_long += 1
             stats.dropped_ids.append(record.get("id", i))
             continue
