@@ -1,0 +1,58 @@
+"""Tiny models, tokenizers and examples for tests, built from configs (nothing is downloaded)."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import ragkern  # noqa: F401  (registers the "ragkern" attention)
+from ragkern.data import build_word_tokenizer
+
+WORDS = (
+    "the a capital of is in was born city river mountain who what where when which paris berlin rome madrid "
+    "france germany italy spain lives works river alpha beta gamma delta question answer passages title"
+).split()
+
+# Small shapes, GQA where the family has it; head_dim kept small so CPU tests are fast.
+TINY = {
+    "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=1),
+    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+    "gemma": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+}
+
+
+def tiny_model(
+    family: str = "llama", vocab_size: int = 64, seed: int = 0, attn: str = "ragkern", **overrides
+):
+    from transformers import AutoConfig
+
+    spec = dict(TINY[family])
+    model_type = spec.pop("model_type")
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        **{**spec, **overrides},
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    return model.eval()
+
+
+def word_tokenizer(chat_template: bool = True):
+    return build_word_tokenizer(WORDS) if chat_template else build_word_tokenizer(WORDS, chat_template=None)
+
+
+def random_examples(lengths, vocab_size=64, seed=0, answer_tail=None):
+    """Examples of the given lengths; labels on every token, or on the last `answer_tail` tokens only."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(4, vocab_size, (n,), generator=g).tolist()
+        tail = n if answer_tail is None else min(answer_tail, n)
+        labels = [-100] * (n - tail) + ids[n - tail :]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
