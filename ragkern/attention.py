@@ -48,7 +48,7 @@ def _unsupported(module: torch.nn.Module, longest: int, dropout: float, kwargs: 
     if kwargs.get("softcap") is not None:
         raise NotImplementedError(
             f"{type(module).__name__} soft-caps attention logits; the 'ragkern' attention does not. "
-            "Use attn_implementation='eager' for this model."
+            "Train it with packing=False, or packed with attn_implementation='flash_attention_2' on GPU."
         )
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the 'ragkern' attention")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ragkern import PackingCollator
-from ragkern.loss import causal_lm_loss
+from ragkern.selftest import check_no_leakage, check_packing_equivalence
 from tests.ragkern.tiny import TINY, random_examples, tiny_model
 
 FAMILIES = sorted(TINY)
@@ -20,42 +20,22 @@ def test_packed_row_equals_examples_run_one_by_one(family):
     packed_model = tiny_model(family)
     single_model = tiny_model(family, attn="sdpa")  # same weights, the stock attention, one example at a time
     single_model.load_state_dict(packed_model.state_dict())
-    examples = random_examples(LENGTHS, answer_tail=3)
-    batch = PackingCollator()(examples)
-    n_targets = int((batch["labels"][:, 1:] != -100).sum())
-
-    loss, token_loss = causal_lm_loss(packed_model, batch)
-    loss.backward()
-
-    single_token_losses = []
-    for ex in examples:
-        one = PackingCollator()([ex])
-        inputs = {"input_ids": one["input_ids"], "labels": one["labels"]}
-        l_i, t_i = causal_lm_loss(single_model, inputs, num_items_in_batch=n_targets)
-        l_i.backward()  # gradients accumulate over the examples: the sum equals the packed loss's
-        single_token_losses.append(t_i[0])
-    expected = torch.cat(single_token_losses)
-    assert token_loss.shape == (1, sum(LENGTHS))
-    assert rel_err(token_loss[0], expected) < 1e-5
-    for (name, p), q in zip(packed_model.named_parameters(), single_model.parameters()):
-        assert p.grad is not None and rel_err(p.grad, q.grad) < 1e-5, name
+    result = check_packing_equivalence(packed_model, single_model, lengths=LENGTHS)
+    assert result.passed, result.detail
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_changing_one_example_leaves_the_others_bit_identical(family):
-    model = tiny_model(family)
-    examples = random_examples(LENGTHS)
-    batch = PackingCollator()(examples)
-    cu = batch["cu_seq_lens_q"].tolist()
-    with torch.no_grad():
-        before = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-        changed = [dict(e) for e in examples]
-        changed[2] = {"input_ids": [(t + 1) % 60 + 4 for t in examples[2]["input_ids"]]}
-        batch2 = PackingCollator()(changed)
-        after = model(**{k: v for k, v in batch2.items() if k != "labels"}).logits[0]
-    a, b = cu[2], cu[3]
-    assert not torch.equal(before[a:b], after[a:b])  # the edit did reach example 2
-    assert torch.equal(before[:a], after[:a]) and torch.equal(before[b:], after[b:])
+    result = check_no_leakage(tiny_model(family), lengths=LENGTHS)
+    assert result.passed, result.detail
+
+
+def test_checks_catch_a_leaking_attention():
+    """sdpa ignores the packing boundaries: both checks must fail on it (so they can fail at all)."""
+    leaky = tiny_model("llama", attn="sdpa")
+    assert not check_packing_equivalence(leaky, lengths=LENGTHS).passed
+    result = check_no_leakage(leaky, lengths=LENGTHS)
+    assert not result.passed and "leak" in result.detail
 
 
 def test_position_ids_fallback_matches_explicit_boundaries():
