@@ -69,3 +69,28 @@ class PackingCollator:
         if self.block_attention:
             batch["block_ids"] = torch.tensor(blocks, dtype=torch.int32).unsqueeze(0)
         return batch
+
+
+@dataclass
+class PaddingCollator:
+    """The unpacked alternative (``packing=False``): right-pad examples to the longest in the batch.
+
+    Returns ``input_ids`` and ``labels`` (padding is ``pad_token_id`` / -100) and ``attention_mask``, each
+    ``(B, T_max)``; the "ragkern" attention masks the padded keys.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not examples:
+            raise ValueError("PaddingCollator got an empty batch")
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for i, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(ex["input_ids"])
+            labels[i, :n] = torch.as_tensor(ex["labels"] if ex.get("labels") is not None else ex["input_ids"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 from .attention import NAME as RAGKERN_ATTENTION
-from .collator import PackingCollator
+from .collator import PackingCollator, PaddingCollator
 from .data.prepare import EncodedDataset, encode_records
 from .loss import causal_lm_loss
 from .packing import PackedBatchSampler
@@ -124,6 +124,14 @@ class RagTrainer(Trainer):
                 _use_boundary_aware_attention(model, args.attn_implementation)
             if data_collator is None:
                 data_collator = PackingCollator(block_attention=args.block_attention)
+        elif data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            if pad is None:
+                raise ValueError(
+                    "packing=False pads batches, and the tokenizer has no pad token: pass processing_class with one "
+                    "(e.g. tokenizer.pad_token = tokenizer.eos_token) or a data_collator"
+                )
+            data_collator = PaddingCollator(pad_token_id=pad)
         if train_dataset is not None:
             train_dataset = self._encode(train_dataset, processing_class, args)
         if isinstance(eval_dataset, dict):
@@ -248,7 +256,8 @@ class RagTrainer(Trainer):
         return (loss, {"token_loss": token_loss}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._window["tokens"] += int(inputs["input_ids"].numel())
+        mask = inputs.get("attention_mask")  # real tokens only: padding is not work done
+        self._window["tokens"] += int(inputs["input_ids"].numel() if mask is None else mask.sum())
         self._window["targets"] += int((inputs["labels"][:, 1:] != -100).sum())
         return super().training_step(model, inputs, num_items_in_batch)
 
