@@ -147,6 +147,13 @@ class RagTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        if args.fsdp and not self.is_fsdp_enabled:
+            logger.warning(
+                "fsdp=%r was requested but accelerate did not enable FSDP (distributed type %s; accelerate enables "
+                "FSDP on accelerators only): training runs unsharded",
+                args.fsdp,
+                self.accelerator.distributed_type,
+            )
         # Our compute_loss divides by num_items_in_batch itself: have Trainer count it, and not rescale.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -158,6 +165,8 @@ class RagTrainer(Trainer):
     def _encode(dataset, tokenizer, args: RagTrainingArguments) -> EncodedDataset:
         """Records or tokenized examples -> an :class:`EncodedDataset` with every length <= max_length."""
         if isinstance(dataset, EncodedDataset):
+            if max(dataset.lengths, default=0) <= args.max_length:
+                return dataset
             examples, stats = dataset.examples, dataset.stats
         elif isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError(
