@@ -10,6 +10,19 @@ from .data.encode import IGNORE_INDEX
 from .packing import cu_seqlens_from_lengths, position_ids_from_lengths
 
 
+def _check_contiguous_blocks(block_ids, example: int) -> None:
+    """Every passage block (id > 0) must be one contiguous span: a passage's cache is one piece."""
+    seen, prev = set(), None
+    for b in block_ids:
+        if b != prev:
+            if b != 0 and b in seen:
+                raise ValueError(
+                    f"example {example}: passage block {b} appears in two separate spans of block_ids"
+                )
+            seen.add(b)
+            prev = b
+
+
 @dataclass
 class PackingCollator:
     """Concatenate examples into one row of shape ``(1, T)``, ``T = sum of lengths``, with no padding.
@@ -54,6 +67,7 @@ class PackingCollator:
                     raise ValueError(
                         f"example {i}: block_attention needs block_ids of the same length as input_ids"
                     )
+                _check_contiguous_blocks(blk, i)
                 blocks += list(blk)
         max_len = max(lengths)
         cu = cu_seqlens_from_lengths(lengths)
