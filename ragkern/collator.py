@@ -38,18 +38,21 @@ class PackingCollator:
 
     Examples are dicts with ``input_ids`` and optionally ``labels`` (default: every token a target) and
     ``block_ids``. ``block_ids`` (``(1, T)`` int32) is returned only when ``block_attention=True``: it turns on
-    the passage block mask of the "ragkern" attention. The output works with a plain ``transformers.Trainer``
+    the passage block mask of the "ragkern" attention. With ``source_names`` (RagTrainer sets it), the batch
+    also holds ``source_ids`` ``(1, T)``: the index in ``source_names`` of each token's example ``source``, for
+    per-source loss logging (not a model input). The output works with a plain ``transformers.Trainer``
     whose model uses ``attn_implementation="ragkern"`` (or flash-attention, which reads the same kwargs).
     """
 
     block_attention: bool = False
+    source_names: tuple[str, ...] | None = None
     return_tensors: str = "pt"
 
     def __call__(self, examples: list[dict]) -> dict:
         if not examples:
             raise ValueError("PackingCollator got an empty batch")
         lengths = []
-        ids, labels, blocks = [], [], []
+        ids, labels, blocks, sources = [], [], [], []
         for i, ex in enumerate(examples):
             seq = list(ex["input_ids"])
             if not seq:
@@ -59,6 +62,8 @@ class PackingCollator:
                 raise ValueError(f"example {i}: {len(lab)} labels for {len(seq)} input_ids")
             lab[0] = IGNORE_INDEX
             lengths.append(len(seq))
+            if self.source_names is not None:
+                sources += [self.source_names.index(ex.get("source", "default"))] * len(seq)
             ids += seq
             labels += lab
             if self.block_attention:
@@ -82,6 +87,8 @@ class PackingCollator:
         }
         if self.block_attention:
             batch["block_ids"] = torch.tensor(blocks, dtype=torch.int32).unsqueeze(0)
+        if self.source_names is not None:
+            batch["source_ids"] = torch.tensor(sources, dtype=torch.long).unsqueeze(0)
         return batch
 
 

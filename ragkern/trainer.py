@@ -94,6 +94,14 @@ def _use_boundary_aware_attention(model: torch.nn.Module, wanted: str) -> None:
     logger.info("RagTrainer: attention implementation %s -> %s", current, wanted)
 
 
+def _source_names(datasets: list) -> tuple[str, ...] | None:
+    """Sorted source tags of the encoded datasets (None when none of them is one of ours)."""
+    ours = [d for d in datasets if isinstance(d, EncodedDataset)]
+    if not ours:
+        return None
+    return tuple(sorted({e.get("source", "default") for d in ours for e in d.examples}))
+
+
 class RagTrainer(Trainer):
     """A ``transformers.Trainer`` for retrieval-augmented fine-tuning, with the same constructor.
 
@@ -105,7 +113,8 @@ class RagTrainer(Trainer):
         and collates each micro-batch into one padding-free row (:class:`~ragkern.PackingCollator`);
       * switches the model to the "ragkern" attention, which keeps packed examples apart;
       * normalises the loss by the target tokens of the whole optimizer step (all micro-batches and ranks);
-      * logs ``fill_ratio``, ``tokens_per_second`` and ``target_tokens_per_second`` next to the loss.
+      * logs ``fill_ratio``, ``tokens_per_second`` and ``target_tokens_per_second`` next to the loss, and
+        ``loss/<source>`` (mean target-token loss per example ``source``) when the data mixes sources.
     """
 
     def __init__(
@@ -138,6 +147,14 @@ class RagTrainer(Trainer):
             eval_dataset = {k: self._encode(v, processing_class, args) for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = self._encode(eval_dataset, processing_class, args)
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        self._sources = _source_names([train_dataset, *evals])
+        if (
+            isinstance(data_collator, PackingCollator)
+            and data_collator.source_names is None
+            and self._sources
+        ):
+            data_collator = dataclasses.replace(data_collator, source_names=self._sources)
         super().__init__(
             model=model,
             args=args,
@@ -160,6 +177,7 @@ class RagTrainer(Trainer):
         self._window = {"tokens": 0, "targets": 0, "start": time.perf_counter()}
         self._totals = {"tokens": 0, "targets": 0}
         self._fill_ratio: float | None = None
+        self._source_window: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def _encode(dataset, tokenizer, args: RagTrainingArguments) -> EncodedDataset:
@@ -256,13 +274,25 @@ class RagTrainer(Trainer):
         return self._packed_dataloader(dataset, self.args.per_device_eval_batch_size, shuffle=False)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        source_ids = inputs.pop("source_ids", None)
         loss, token_loss = causal_lm_loss(
             model, inputs, num_items_in_batch=num_items_in_batch, fused=self.args.fused_loss
         )
+        if source_ids is not None and model.training:
+            self._add_source_losses(token_loss.detach(), inputs["labels"], source_ids)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's targets while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, {"token_loss": token_loss}) if return_outputs else loss
+
+    def _add_source_losses(self, token_loss, labels, source_ids) -> None:
+        """Accumulate (loss sum, target count) per source between two logs."""
+        targets = labels != -100
+        ids, n = source_ids[targets], len(self._sources)
+        sums = torch.bincount(ids, weights=token_loss[targets].double(), minlength=n)
+        counts = torch.bincount(ids, minlength=n).double()
+        acc = self._source_window
+        self._source_window = (sums, counts) if acc is None else (acc[0] + sums, acc[1] + counts)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")  # real tokens only: padding is not work done
@@ -289,5 +319,15 @@ class RagTrainer(Trainer):
                 logs["target_tokens_per_second"] = round(float(window[1]) / elapsed, 2)
             if self._fill_ratio is not None:
                 logs["fill_ratio"] = round(self._fill_ratio, 4)
+            if self._sources and len(self._sources) > 1:
+                sums, counts = self._source_window or (torch.zeros(len(self._sources)),) * 2
+                sums, counts = sums.to(self.args.device), counts.to(self.args.device)
+                if self.args.world_size > 1:
+                    sums = self.accelerator.reduce(sums, reduction="sum")
+                    counts = self.accelerator.reduce(counts, reduction="sum")
+                for name, total, count in zip(self._sources, sums.tolist(), counts.tolist()):
+                    if count:
+                        logs[f"loss/{name}"] = round(total / count, 4)
+                self._source_window = None
             self._window = {"tokens": 0, "targets": 0, "start": now}
         super().log(logs, start_time)

@@ -36,3 +36,10 @@ def test_collator_errors():
         PackingCollator(block_attention=True)([{"input_ids": [1, 2]}])
     with pytest.raises(ValueError, match="empty batch"):
         PackingCollator()([])
+
+
+def test_collator_source_ids_per_token():
+    examples = [{"input_ids": [5, 6, 7], "source": "raft"}, {"input_ids": [8, 9], "source": "dap"}]
+    batch = PackingCollator(source_names=("dap", "raft"))(examples)
+    assert batch["source_ids"].tolist() == [[1, 1, 1, 0, 0]]
+    assert "source_ids" not in PackingCollator()(examples)

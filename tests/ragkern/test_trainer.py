@@ -212,3 +212,27 @@ def test_evaluation_on_packed_rows(tmp_path):
     loss, _ = causal_lm_loss(model, PackingCollator()(examples))
     # Sequential, unshuffled bins: one row here, so the eval loss is that row's mean target loss.
     assert metrics["eval_loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_loss_is_logged_per_source(tmp_path):
+    examples = random_examples([9, 4, 11, 6, 8, 5], answer_tail=3, seed=8)
+    for i, ex in enumerate(examples):
+        ex["source"] = "raft" if i % 2 else "instruct"
+    model = tiny_model("llama")
+    trainer = RagTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=1, max_length=64, learning_rate=0.0),
+        train_dataset=examples,
+    )
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    # Recompute each source's mean target loss directly (all six examples fit one bin: one step).
+    for name in ("raft", "instruct"):
+        mine = [ex for ex in examples if ex["source"] == name]
+        total, count = 0.0, 0
+        for ex in mine:
+            _, token_loss = causal_lm_loss(model, PackingCollator()([ex]))
+            total += token_loss.sum().item()
+            count += sum(t != -100 for t in ex["labels"][1:])
+        assert logged[f"loss/{name}"] == pytest.approx(total / count, rel=1e-4)
+    assert logged["loss/raft"] != logged["loss/instruct"]
