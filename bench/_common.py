@@ -1,0 +1,64 @@
+"""Shared by the benchmarks: machine/version/git metadata and writing results as JSON under bench/results/."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=RESULTS.parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def metadata() -> dict:
+    """Where and with what a benchmark ran."""
+    import torch
+
+    meta = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_sha": _git_sha(),
+    }
+    try:
+        import transformers
+
+        import ragkern
+
+        meta["transformers"] = transformers.__version__
+        meta["ragkern"] = ragkern.__version__
+    except ImportError:
+        pass
+    return meta
+
+
+def write_results(name: str, results: dict) -> Path:
+    """Write ``{"meta": ..., **results}`` to ``bench/results/<name>.json``; returns the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"meta": metadata(), **results}, indent=2) + "\n")
+    return path
