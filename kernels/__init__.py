@@ -5,5 +5,6 @@ also the CPU path. This package imports torch and triton only, never transformer
 """
 
 from .attention import varlen_attention
+from .cross_entropy import fused_linear_cross_entropy
 
-__all__ = ["varlen_attention"]
+__all__ = ["fused_linear_cross_entropy", "varlen_attention"]

@@ -1,0 +1,430 @@
+"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T`` without materialising the logits.
+
+For every token i with a target (``labels[i] != ignore_index``)::
+
+    z      = hidden[i] @ weight.T + bias                 (V,)   fp32, one block of tokens/vocab at a time
+    s      = softcap * tanh(z / softcap)                        if softcap else z
+    lse    = log(sum_j exp(s_j))
+    ce     = lse - (1 - eps) * s[y] - eps / V * sum_j s_j        eps = label_smoothing (as F.cross_entropy)
+    loss_i = weights[i] * (ce + z_loss * lse ** 2)
+
+Ignored tokens are dropped before any matmul, so they cost nothing forward or backward.
+``reduction="mean"`` divides the weighted sum by the number of non-ignored tokens (0 when there are none).
+
+Two paths, each an ``autograd.Function``:
+- torch (CPU, and the reference for large cases): tokens in chunks of ``_CHUNK_ELEMS // V`` rows, so the
+  largest temporary is a few ``(chunk, V)`` fp32 blocks. The gradients are computed in the forward pass,
+  chunk by chunk (the logits are built once); a backward whose per-token ``grad_output`` is not uniform
+  (``reduction="none"`` followed by anything but a scaled sum) recomputes them with the right row scales.
+- triton (CUDA): the forward kernel multiplies a block of tokens against vocab tiles with an online
+  log-sum-exp in fp32, gathering the target logit on the way; the backward kernel recomputes each tile and
+  accumulates grad_hidden (owned rows) and grad_weight / grad_bias (fp32 atomics). No N x V buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path still works
+    triton = None
+
+_BACKENDS = ("auto", "torch", "triton")
+_REDUCTIONS = ("mean", "sum", "none")
+_CHUNK_ELEMS = 1 << 22  # torch path: rows per chunk = this // V (16 MiB of fp32 logits)
+_BLOCK_N, _BLOCK_V, _BLOCK_D, _NUM_WARPS = 32, 128, 64, 8
+
+# --------------------------------------------------------------------------------------------- triton
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # 2 * sigmoid(2x) - 1: exact limits at +-inf, no libdevice needed
+        return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+    @triton.jit
+    def _logits_tile(
+        H, W, B, hrow, rmask, cols, cmask, D, softcap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """(BLOCK_N, BLOCK_V) fp32 logits after bias and softcap, and tanh(z / softcap) for the backward."""
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = dd < D
+            h = tl.load(H + hrow[:, None] + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            w = tl.load(W + cols[:, None] * D + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        t = acc
+        if HAS_SOFTCAP:
+            t = _tanh(acc / softcap)
+            acc = softcap * t
+        return acc, t
+
+    @triton.jit
+    def _flce_fwd_kernel(
+        H, W, B, Y, ROWS, WTS, LOSS, LSE, ZTERM,
+        n_rows, V, D, softcap, smoothing, z_coef,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = offs < n_rows
+        row = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64)  # only tokens with a target
+        y = tl.load(Y + row, mask=rmask, other=0)
+        hrow = row * D
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            cmask = cols < V
+            s, t = _logits_tile(
+                H,
+                W,
+                B,
+                hrow,
+                rmask,
+                cols,
+                cmask,
+                D,
+                softcap,
+                HAS_BIAS,
+                HAS_SOFTCAP,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_D,
+            )
+            s_sum += tl.sum(tl.where(cmask[None, :], s, 0.0), axis=1)
+            s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+            s = tl.where(cmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(sumexp)
+        wt = tl.load(WTS + row, mask=rmask, other=0.0).to(tl.float32)
+        zterm = z_coef * lse * lse
+        ce = lse - (1.0 - smoothing) * s_y - smoothing / V * s_sum
+        tl.store(LOSS + row, wt * (ce + zterm), mask=rmask)
+        tl.store(ZTERM + row, wt * zterm, mask=rmask)
+        tl.store(LSE + row, lse, mask=rmask)
+
+    @triton.jit
+    def _flce_bwd_kernel(
+        H, W, B, Y, ROWS, SCALE, LSE, GH, GW, GB,
+        n_rows, V, D, softcap, smoothing, z_coef,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = offs < n_rows
+        row = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64)
+        y = tl.load(Y + row, mask=rmask, other=0)
+        hrow = row * D
+        scale = tl.load(SCALE + row, mask=rmask, other=0.0)  # grad_output * weight, fp32
+        lse = tl.load(LSE + row, mask=rmask, other=0.0)
+        p_coef = scale * (1.0 + 2.0 * z_coef * lse)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            cmask = cols < V
+            s, t = _logits_tile(
+                H,
+                W,
+                B,
+                hrow,
+                rmask,
+                cols,
+                cmask,
+                D,
+                softcap,
+                HAS_BIAS,
+                HAS_SOFTCAP,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_D,
+            )
+            # d loss / d s = scale * ((1 + 2 z lse) p - (1 - eps) [j == y] - eps / V)
+            ds = p_coef[:, None] * tl.exp(s - lse[:, None])
+            hit = tl.where(cols[None, :] == y[:, None], 1.0 - smoothing, 0.0)
+            ds -= scale[:, None] * (hit + smoothing / V)
+            if HAS_SOFTCAP:
+                ds *= 1.0 - t * t
+            ds = tl.where(rmask[:, None] & cmask[None, :], ds, 0.0)
+            if HAS_BIAS:
+                tl.atomic_add(GB + cols, tl.sum(ds, axis=0), mask=cmask)
+            ds_in = ds.to(H.dtype.element_ty)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                dmask = dd < D
+                hmask = rmask[:, None] & dmask[None, :]
+                wmask = cmask[:, None] & dmask[None, :]
+                w = tl.load(W + cols[:, None] * D + dd[None, :], mask=wmask, other=0.0)
+                gh = tl.load(GH + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
+                tl.store(GH + hrow[:, None] + dd[None, :], tl.dot(ds_in, w, gh), mask=hmask)
+                h = tl.load(H + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
+                tl.atomic_add(GW + cols[:, None] * D + dd[None, :], tl.dot(tl.trans(ds_in), h), mask=wmask)
+
+
+def _launch_args(hidden, weight, bias, labels, rows, softcap, smoothing, z_loss):
+    n_rows, (V, D) = rows.numel(), weight.shape
+    grid = (triton.cdiv(n_rows, _BLOCK_N),)
+    dummy = bias if bias is not None else hidden  # never read when HAS_BIAS is False
+    common = (n_rows, V, D, float(softcap or 0.0), float(smoothing), float(z_loss))
+    meta = dict(
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_V=_BLOCK_V,
+        BLOCK_D=_BLOCK_D,
+        num_warps=_NUM_WARPS,
+    )
+    return grid, (hidden, weight, dummy, labels, rows), common, meta
+
+
+def _triton_forward(hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss):
+    """Per-token loss, z-term and lse, each ``(N,)`` fp32 (0 for ignored tokens)."""
+    N = hidden.shape[0]
+    loss, lse, zterm = (torch.zeros(N, device=hidden.device, dtype=torch.float32) for _ in range(3))
+    if rows.numel():
+        grid, ptrs, common, meta = _launch_args(
+            hidden, weight, bias, labels, rows, softcap, smoothing, z_loss
+        )
+        _flce_fwd_kernel[grid](*ptrs, weights, loss, lse, zterm, *common, **meta)
+    return loss, lse, zterm
+
+
+def _triton_backward(hidden, weight, bias, labels, rows, scale, lse, softcap, smoothing, z_loss):
+    """Gradients for per-token losses scaled by ``scale`` ``(N,)``: (grad_hidden, grad_weight, grad_bias)."""
+    gh = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+    gw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    gb = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if bias is not None else None
+    if rows.numel():
+        grid, ptrs, common, meta = _launch_args(
+            hidden, weight, bias, labels, rows, softcap, smoothing, z_loss
+        )
+        _flce_bwd_kernel[grid](*ptrs, scale, lse, gh, gw, gb if gb is not None else gw, *common, **meta)
+    return gh.to(hidden.dtype), gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- torch
+
+
+def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, want_grad):
+    """The chunked path: per-token loss, z-term ``(N,)`` and, if ``want_grad``, the gradients of
+    ``sum_i scale[i] * loss_i`` (``scale`` defaults to 1)."""
+    N, (V, D) = hidden.shape[0], weight.shape
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = torch.zeros(N, device=hidden.device, dtype=acc_dtype)
+    zterm = torch.zeros_like(loss)
+    gh = torch.zeros(N, D, device=hidden.device, dtype=acc_dtype) if want_grad else None
+    gw = torch.zeros(V, D, device=weight.device, dtype=acc_dtype) if want_grad else None
+    gb = torch.zeros(V, device=weight.device, dtype=acc_dtype) if want_grad and bias is not None else None
+    step = max(1, _CHUNK_ELEMS // V)
+    for start in range(0, rows.numel(), step):
+        idx = rows[start : start + step]
+        h = hidden[idx]  # (C, D)
+        z = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(acc_dtype)  # (C, V)
+        if softcap is not None:
+            t = torch.tanh_(z.div_(softcap))  # in place: z is not needed again
+            z = t * softcap
+        y = labels[idx]
+        lse = torch.logsumexp(z, dim=1)
+        ce = lse - (1.0 - smoothing) * z.gather(1, y[:, None]).squeeze(1)
+        if smoothing:
+            ce -= smoothing / V * z.sum(1)
+        wt = weights[idx].to(acc_dtype)
+        zt = z_loss * lse * lse
+        loss[idx] = wt * (ce + zt)
+        zterm[idx] = wt * zt
+        if not want_grad:
+            continue
+        # d loss_i / d s = w_i * ((1 + 2 z lse) softmax - (1 - eps) onehot(y) - eps / V), in place over z
+        row_scale = wt if scale is None else wt * scale[idx].to(acc_dtype)
+        ds = z.sub_(lse[:, None]).exp_().mul_((row_scale * (1.0 + 2.0 * z_loss * lse))[:, None])
+        ds.scatter_add_(1, y[:, None], (-(1.0 - smoothing) * row_scale)[:, None])
+        if smoothing:
+            ds -= (smoothing / V * row_scale)[:, None]
+        if softcap is not None:
+            ds.mul_(1.0 - t * t)
+        gh[idx] = (ds.to(hidden.dtype) @ weight).to(acc_dtype)
+        gw.addmm_(ds.T, h.to(acc_dtype))
+        if gb is not None:
+            gb += ds.sum(0)
+    grads = None
+    if want_grad:
+        grads = (gh.to(hidden.dtype), gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
+    return loss.float(), zterm.float(), grads
+
+
+# ------------------------------------------------------------------------------------------- autograd
+
+
+def _reduce(per_token, reduction, count):
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    return total / max(count, 1) if reduction == "mean" else total
+
+
+class _ChunkedFLCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss, reduction):
+        want_grad = any(ctx.needs_input_grad[:3])
+        loss, zterm, grads = _torch_chunks(
+            hidden, weight, bias, labels, rows, weights, None, softcap, smoothing, z_loss, want_grad
+        )
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, weights, *(grads or (None, None, None)))
+        ctx.cfg = (softcap, smoothing, z_loss, reduction, rows.numel())
+        return _reduce(loss, reduction, rows.numel()), _reduce(zterm, reduction, rows.numel())
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        hidden, weight, bias, labels, rows, weights, gh, gw, gb = ctx.saved_tensors
+        softcap, smoothing, z_loss, reduction, count = ctx.cfg
+        if reduction == "mean":
+            grad_loss = grad_loss / max(count, 1)
+        if reduction == "none":
+            g = grad_loss[rows]
+            if g.numel() and not bool((g == g[0]).all()):  # per-token scales: recompute with them
+                gh, gw, gb = _torch_chunks(
+                    hidden, weight, bias, labels, rows, weights, grad_loss, softcap, smoothing, z_loss, True
+                )[2]
+                return gh, gw, gb, *([None] * 7)
+            grad_loss = g[0] if g.numel() else grad_loss.new_zeros(())
+        grads = [None if x is None else x * grad_loss.to(x.dtype) for x in (gh, gw, gb)]
+        return *grads, *([None] * 7)
+
+
+class _TritonFLCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss, reduction):
+        loss, lse, zterm = _triton_forward(
+            hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss
+        )
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, weights, lse)
+        ctx.cfg = (softcap, smoothing, z_loss, reduction, rows.numel())
+        return _reduce(loss, reduction, rows.numel()), _reduce(zterm, reduction, rows.numel())
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        hidden, weight, bias, labels, rows, weights, lse = ctx.saved_tensors
+        softcap, smoothing, z_loss, reduction, count = ctx.cfg
+        if reduction == "mean":
+            grad_loss = grad_loss / max(count, 1)
+        scale = (weights.float() * grad_loss.float()).contiguous()  # (N,): grad_loss broadcasts when scalar
+        gh, gw, gb = _triton_backward(
+            hidden, weight, bias, labels, rows, scale, lse, softcap, smoothing, z_loss
+        )
+        return gh, gw, gb, *([None] * 7)
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoothing, z_loss, backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {_REDUCTIONS}")
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"hidden must be (N, H); got shape {tuple(hidden.shape)} (flatten batch and time first)"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be (V, H={hidden.shape[1]}); got shape {tuple(weight.shape)}")
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"labels must be (N={hidden.shape[0]},); got shape {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32; got {labels.dtype}")
+    if hidden.dtype != weight.dtype or hidden.dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    ):
+        raise ValueError(
+            f"hidden and weight must share one of fp16/bf16/fp32/fp64; got {hidden.dtype}, {weight.dtype}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (V={weight.shape[0]},); got shape {tuple(bias.shape)}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"bias must have weight's dtype {weight.dtype}; got {bias.dtype}")
+    if weights is not None and weights.shape != (hidden.shape[0],):
+        raise ValueError(f"weights must be (N={hidden.shape[0]},); got shape {tuple(weights.shape)}")
+    tensors = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias, "weights": weights}
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device; got {devices}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0; got {softcap}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0; got {z_loss}")
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    weights: torch.Tensor | None = None,
+    backend: str = "auto",
+    return_z_loss: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels`` without the ``(N, V)`` logits.
+
+    Args:
+        hidden: ``(N, H)`` final hidden states (flatten batch and time), fp16/bf16/fp32 (fp64: torch only).
+        weight: ``(V, H)`` lm_head weight, same dtype as ``hidden``.
+        labels: ``(N,)`` int64/int32 targets; ``ignore_index`` marks tokens without a target.
+        bias: optional ``(V,)`` lm_head bias.
+        reduction: ``"mean"`` (weighted sum over the number of non-ignored tokens; 0 if there are none),
+            ``"sum"``, or ``"none"`` (``(N,)`` fp32, 0 at ignored tokens).
+        softcap: Gemma-style logit soft-capping ``softcap * tanh(logits / softcap)``.
+        label_smoothing: as ``F.cross_entropy``'s (uniform over the V classes).
+        z_loss: coefficient of ``lse ** 2`` added to each token's loss (PaLM's z-loss).
+        weights: optional ``(N,)`` per-token loss weights (not differentiated).
+        backend: ``"torch"`` (chunked), ``"triton"`` or ``"auto"`` (triton on CUDA, torch elsewhere).
+        return_z_loss: also return the z-loss part of the loss (same reduction, detached) for logging.
+
+    Returns:
+        The loss (including the z-loss term), or ``(loss, z_term)`` when ``return_z_loss``. Differentiable
+        with respect to ``hidden``, ``weight`` and ``bias``.
+    """
+    _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoothing, z_loss, backend)
+    if backend == "auto":
+        backend = "triton" if hidden.is_cuda and triton is not None else "torch"
+    if backend == "triton":
+        if triton is None:
+            raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
+        if hidden.dtype == torch.float64:
+            raise ValueError("backend='triton' takes fp16/bf16/fp32 hidden and weight; got float64")
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    labels = labels.contiguous()
+    if weights is None:
+        weights = torch.ones(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+    rows = (labels != ignore_index).nonzero().squeeze(1)  # (n_targets,) int64: ignored tokens cost nothing
+    fn = _TritonFLCE if backend == "triton" else _ChunkedFLCE
+    if backend == "triton":
+        rows = rows.to(torch.int32)
+        weights = weights.float().contiguous()
+    else:
+        labels = labels.long()
+    loss, zterm = fn.apply(
+        hidden, weight, bias, labels, rows, weights, softcap, float(label_smoothing), float(z_loss), reduction
+    )
+    return (loss, zterm.detach()) if return_z_loss else loss
