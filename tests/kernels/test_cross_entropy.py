@@ -154,3 +154,25 @@ def test_errors(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         fused_linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+TRITON_CASES = {
+    "plain_fp32": dict(),
+    "bias_fp32": dict(bias=True, reduction="sum"),
+    "all_fp32": dict(
+        bias=True, softcap=5.0, label_smoothing=0.2, z_loss=1e-2, weights=True, reduction="none"
+    ),
+    "all_ignored_fp32": dict(ignore_frac=1.1, reduction="none"),
+    "softcap_fp16": dict(dtype=torch.float16, softcap=4.0, atol=2e-3, rtol=2e-2),
+    "all_fp16": dict(
+        dtype=torch.float16, bias=True, label_smoothing=0.1, z_loss=1e-3, weights=True, atol=2e-3, rtol=2e-2
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=list(TRITON_CASES))
+def test_triton_interpreter(case):
+    pytest.importorskip("triton")
+    opts = dict(TRITON_CASES[case])
+    N, H = (37, 48) if "fp16" not in case else (21, 40)
+    check(N, H, 1003 if "fp16" not in case else 333, backend="triton", seed=len(case), **opts)
