@@ -2,10 +2,100 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from .data.encode import IGNORE_INDEX
+from .kernels import fused_linear_cross_entropy
+
+logger = logging.getLogger(__name__)
+
+# Model types whose logits are exactly lm_head(final hidden states), then optional final_logit_softcapping.
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+_logged: set[str] = set()
+
+
+class _NotFusable(Exception):
+    """The fused loss cannot reproduce this model's logits; the message says why."""
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP / DeepSpeed wrappers and a peft ``PeftModel``."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        if model.active_peft_config.is_prompt_learning:
+            raise _NotFusable("peft prompt learning adds virtual tokens")
+        model = model.get_base_model()
+    return model
+
+
+def _lm_head_params(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (V, H), bias (V,) | None)`` of the lm_head, LoRA adapters included (merged in the graph,
+    so A and B get their gradients)."""
+    if type(head) is torch.nn.Linear:
+        weight, bias = head.weight, head.bias
+    elif hasattr(head, "lora_A") and hasattr(head, "get_base_layer"):  # peft lora.Linear
+        base = head.get_base_layer()
+        if type(base) is not torch.nn.Linear:
+            raise _NotFusable(f"the LoRA lm_head wraps a {type(base).__name__}, not an nn.Linear")
+        weight, bias = base.weight, base.bias
+        if head.disable_adapters and head.merged:
+            raise _NotFusable("the lm_head adapter is merged but disabled")
+        if not head.disable_adapters and not head.merged:
+            for name in head.active_adapters:
+                if name not in head.lora_A:
+                    continue
+                if getattr(head, "lora_variant", {}).get(name) is not None:
+                    raise _NotFusable(f"the lm_head adapter {name!r} is a LoRA variant (e.g. DoRA)")
+                dropout = head.lora_dropout[name]
+                if head.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                    raise _NotFusable(f"the lm_head adapter {name!r} has lora_dropout={dropout.p}")
+                lora_a, lora_b, scale = head.lora_A[name], head.lora_B[name], head.scaling[name]
+                weight = weight + scale * (lora_b.weight @ lora_a.weight).to(weight.dtype)
+                if lora_b.bias is not None:
+                    bias = (0 if bias is None else bias) + scale * lora_b.bias
+    else:
+        raise _NotFusable(f"the lm_head is a {type(head).__name__}, not an nn.Linear or a peft LoRA Linear")
+    if weight.dim() != 2 or weight.numel() == 0 or type(weight.data) is not torch.Tensor:
+        raise _NotFusable("the lm_head weight is sharded (FSDP / ZeRO-3)")
+    return weight, bias
+
+
+def _fused_token_loss(model: torch.nn.Module, model_inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` fp32 loss at each position against ``targets`` (0 where ignored), without the logits.
+
+    The model runs through its own (possibly wrapped) forward with ``logits_to_keep`` selecting no position,
+    so the lm_head sees an empty input; the final hidden states come back in ``hidden_states[-1]``.
+    """
+    hf = _hf_model(model)
+    model_type = getattr(hf.config, "model_type", None)
+    if model_type not in FUSED_MODEL_TYPES:
+        raise _NotFusable(f"model type {model_type!r} is not one of {FUSED_MODEL_TYPES}")
+    weight, bias = _lm_head_params(hf.get_output_embeddings())
+    softcap = getattr(hf.config, "final_logit_softcapping", None)
+    none = torch.empty(0, dtype=torch.long, device=targets.device)
+    out = model(**model_inputs, output_hidden_states=True, logits_to_keep=none)
+    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
+    del out
+    per_pos = fused_linear_cross_entropy(
+        hidden.flatten(0, 1),
+        weight.to(hidden.dtype),  # under autocast the backbone runs in half precision
+        targets.flatten(),
+        bias=None if bias is None else bias.to(hidden.dtype),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+        softcap=softcap or None,
+    )
+    return per_pos.view_as(targets)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -27,16 +117,25 @@ def causal_lm_loss(
     ``loss = token_loss.sum() / num_items_in_batch``, or over the number of targets when that is ``None``,
     so a step accumulated over micro-batches (or ranks) sums to the mean over all of its target tokens.
 
-    ``fused`` selects the fused linear + cross-entropy path when the model supports it; the plain path
-    materialises the logits.
+    ``fused`` selects the fused linear + cross-entropy path (``ragkern.kernels.fused_linear_cross_entropy``
+    on the lm_head weight, LoRA adapters on the lm_head included, Gemma's final_logit_softcapping applied)
+    for Llama-, Mistral-, Qwen2/3- and Gemma-family models, peft-wrapped or not. Anything it cannot
+    reproduce exactly falls back to the plain path, which materialises the logits, with a one-time log line.
     """
     labels = inputs["labels"]
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    logits = model(**model_inputs).logits  # (B, T, V)
     targets = shifted_targets(labels)
-    per_pos = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(targets)
+    per_pos = None
+    if fused:
+        try:
+            per_pos = _fused_token_loss(model, model_inputs, targets)
+        except _NotFusable as why:
+            _log_once(f"ragkern: fused loss off, using the plain loss (materialised logits): {why}")
+    if per_pos is None:
+        logits = model(**model_inputs).logits  # (B, T, V)
+        per_pos = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(targets)
     token_loss = F.pad(per_pos[:, :-1], (1, 0))  # realign with labels
     denom = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
     if torch.is_tensor(denom):

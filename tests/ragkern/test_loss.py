@@ -1,0 +1,120 @@
+"""causal_lm_loss: the fused branch equals the plain (materialised logits) one, loss and every gradient."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ragkern import PackingCollator, RagTrainer
+from ragkern import loss as loss_mod
+from ragkern.loss import causal_lm_loss
+from tests.ragkern.test_trainer import GradCapture, args, max_rel_diff
+from tests.ragkern.tiny import random_examples, tiny_model
+
+
+def run(model, batch, fused, n_items=None):
+    model.zero_grad()
+    loss, token_loss = causal_lm_loss(model, batch, num_items_in_batch=n_items, fused=fused)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), token_loss.detach(), grads
+
+
+def assert_fused_equals_plain(model, batch, n_items=None):
+    plain = run(copy.deepcopy(model), batch, fused=False, n_items=n_items)
+    fused = run(model, batch, fused=True, n_items=n_items)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-6)
+    assert fused[2].keys() == plain[2].keys() and fused[2]
+    assert max_rel_diff(fused[2], plain[2]) < 1e-5
+    return fused
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts fused-kernel calls, so a silent fallback cannot pass as the fused path."""
+    calls = []
+    real = loss_mod.fused_linear_cross_entropy
+    monkeypatch.setattr(
+        loss_mod, "fused_linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
+    return calls
+
+
+def packed_batch(seed=1):
+    return PackingCollator()(random_examples([9, 4, 11, 6], answer_tail=3, seed=seed))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma"])
+def test_fused_equals_plain_on_a_packed_row(family, fused_calls):
+    batch = packed_batch()
+    _, token_loss, _ = assert_fused_equals_plain(tiny_model(family), batch, n_items=17)
+    assert len(fused_calls) == 1
+    assert token_loss.shape == batch["labels"].shape and token_loss.dtype == torch.float32
+    assert (token_loss[:, 0] == 0).all() and (token_loss[batch["labels"] == -100] == 0).all()
+
+
+def test_gemma2_final_logit_softcapping(fused_calls):
+    cfg = AutoConfig.for_model(
+        "gemma2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, 13))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    assert_fused_equals_plain(model, {"input_ids": ids, "labels": labels})
+    assert fused_calls[0]["softcap"] == 2.0
+
+
+def test_lora_on_lm_head_trains_the_adapter(fused_calls):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():  # lora_B starts at 0: give the adapter a value so its effect and gradients show
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    _, _, grads = assert_fused_equals_plain(model, packed_batch(seed=2))
+    assert len(fused_calls) == 1
+    assert any("lm_head.lora_A" in n for n in grads) and any("lm_head.lora_B" in n for n in grads)
+
+
+def test_lora_dropout_on_lm_head_falls_back_with_one_log_line(caplog, fused_calls):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.1))
+    model.train()
+    with caplog.at_level(logging.WARNING, logger="ragkern.loss"):
+        for _ in range(2):
+            causal_lm_loss(model, packed_batch(), fused=True)[0].backward()
+    assert not fused_calls
+    assert sum("lora_dropout=0.1" in r.message for r in caplog.records) <= 1  # once per process
+    assert any("lora_dropout" in m for m in loss_mod._logged)
+
+
+def test_unrecognised_model_falls_back(caplog, fused_calls):
+    cfg = AutoConfig.for_model("gpt2", vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()  # no dropout
+    ids = torch.randint(0, 64, (2, 9))
+    with caplog.at_level(logging.WARNING, logger="ragkern.loss"):
+        fused = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, fused=True)[0]
+    plain = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, fused=False)[0]
+    assert not fused_calls and torch.equal(fused, plain)
+    assert any("'gpt2'" in m for m in loss_mod._logged)
+
+
+def test_trainer_step_fused_equals_plain(tmp_path, fused_calls):
+    examples = random_examples([9, 4, 11, 6, 14, 7], answer_tail=3, seed=6)
+    grads = []
+    for fused in (True, False):
+        capture = GradCapture()
+        a = args(tmp_path, max_steps=1, per_device_train_batch_size=2, fused_loss=fused)
+        RagTrainer(model=tiny_model("qwen3"), args=a, train_dataset=examples, callbacks=[capture]).train()
+        grads.append(capture.grads)
+    assert fused_calls  # the first run used the fused kernel
+    assert max_rel_diff(grads[0], grads[1]) < 1e-5
