@@ -34,7 +34,10 @@ except ImportError:  # CPU-only installs: the torch path still works
 _BACKENDS = ("auto", "torch", "triton")
 _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ELEMS = 1 << 22  # torch path: rows per chunk = this // V (16 MiB of fp32 logits)
-_BLOCK_N, _BLOCK_V, _BLOCK_D, _NUM_WARPS = 32, 128, 64, 8
+# Tiles chosen from the sm_80 / sm_90 AOT resource report: no spills with bias and softcap on, and a
+# 64-row M dimension so Hopper can use wgmma (HGMMA).
+_FWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2)
+_BWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2)
 
 # --------------------------------------------------------------------------------------------- triton
 
@@ -172,19 +175,12 @@ if triton is not None:
                 tl.atomic_add(GW + cols[:, None] * D + dd[None, :], tl.dot(tl.trans(ds_in), h), mask=wmask)
 
 
-def _launch_args(hidden, weight, bias, labels, rows, softcap, smoothing, z_loss):
+def _launch_args(hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, config):
     n_rows, (V, D) = rows.numel(), weight.shape
-    grid = (triton.cdiv(n_rows, _BLOCK_N),)
+    grid = (triton.cdiv(n_rows, config["BLOCK_N"]),)
     dummy = bias if bias is not None else hidden  # never read when HAS_BIAS is False
     common = (n_rows, V, D, float(softcap or 0.0), float(smoothing), float(z_loss))
-    meta = dict(
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_V=_BLOCK_V,
-        BLOCK_D=_BLOCK_D,
-        num_warps=_NUM_WARPS,
-    )
+    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **config)
     return grid, (hidden, weight, dummy, labels, rows), common, meta
 
 
@@ -194,7 +190,7 @@ def _triton_forward(hidden, weight, bias, labels, rows, weights, softcap, smooth
     loss, lse, zterm = (torch.zeros(N, device=hidden.device, dtype=torch.float32) for _ in range(3))
     if rows.numel():
         grid, ptrs, common, meta = _launch_args(
-            hidden, weight, bias, labels, rows, softcap, smoothing, z_loss
+            hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, _FWD_CONFIG
         )
         _flce_fwd_kernel[grid](*ptrs, weights, loss, lse, zterm, *common, **meta)
     return loss, lse, zterm
@@ -207,7 +203,7 @@ def _triton_backward(hidden, weight, bias, labels, rows, scale, lse, softcap, sm
     gb = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if bias is not None else None
     if rows.numel():
         grid, ptrs, common, meta = _launch_args(
-            hidden, weight, bias, labels, rows, softcap, smoothing, z_loss
+            hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, _BWD_CONFIG
         )
         _flce_bwd_kernel[grid](*ptrs, scale, lse, gh, gw, gb if gb is not None else gw, *common, **meta)
     return gh.to(hidden.dtype), gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype)
@@ -413,18 +409,53 @@ def fused_linear_cross_entropy(
             raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
         if hidden.dtype == torch.float64:
             raise ValueError("backend='triton' takes fp16/bf16/fp32 hidden and weight; got float64")
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    labels = labels.contiguous()
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     if weights is None:
         weights = torch.ones(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     rows = (labels != ignore_index).nonzero().squeeze(1)  # (n_targets,) int64: ignored tokens cost nothing
     fn = _TritonFLCE if backend == "triton" else _ChunkedFLCE
+    labels = labels.long()
     if backend == "triton":
         rows = rows.to(torch.int32)
         weights = weights.float().contiguous()
-    else:
-        labels = labels.long()
     loss, zterm = fn.apply(
         hidden, weight, bias, labels, rows, weights, softcap, float(label_smoothing), float(z_loss), reduction
     )
     return (loss, zterm.detach()) if return_z_loss else loss
+
+
+# ------------------------------------------------------------------------------------------------ AOT
+
+
+def aot_specs() -> list:
+    """Every Triton configuration this module launches (for ``ragkern.kernels._aot`` and the kernel report)."""
+    from ._aot import AotSpec
+
+    scalars = dict(n_rows="i32", V="i32", D="i32", softcap="fp32", smoothing="fp32", z_coef="fp32")
+    specs = []
+    for name, fn, outs, config in (
+        ("flce_fwd", _flce_fwd_kernel, ("WTS", "LOSS", "LSE", "ZTERM"), _FWD_CONFIG),
+        ("flce_bwd", _flce_bwd_kernel, ("SCALE", "LSE", "GH", "GW", "GB"), _BWD_CONFIG),
+    ):
+        blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
+        for dtype in ("fp16", "bf16", "fp32"):
+            for has_bias in (False, True):
+                for has_softcap in (False, True):
+                    ptr = "*" + dtype
+                    signature = dict(H=ptr, W=ptr, B=ptr, Y="*i64", ROWS="*i32", **{o: "*fp32" for o in outs})
+                    constexprs = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **blocks)
+                    signature.update(scalars, **{k: "constexpr" for k in constexprs})
+                    tile = " ".join(f"{k[6:]}={v}" for k, v in blocks.items())
+                    specs.append(
+                        AotSpec(
+                            kernel=name,
+                            fn=fn,
+                            signature=signature,
+                            constexprs=constexprs,
+                            num_warps=config["num_warps"],
+                            num_stages=config["num_stages"],
+                            config=f"{dtype} bias={int(has_bias)} softcap={int(has_softcap)} {tile} "
+                            f"w{config['num_warps']} s{config['num_stages']}",
+                        )
+                    )
+    return specs

@@ -176,3 +176,15 @@ def test_triton_interpreter(case):
     opts = dict(TRITON_CASES[case])
     N, H = (37, 48) if "fp16" not in case else (21, 40)
     check(N, H, 1003 if "fp16" not in case else 333, backend="triton", seed=len(case), **opts)
+
+
+def test_aot_compiles():
+    """Every launched configuration compiles for sm_80 and sm_90 with no register spills."""
+    pytest.importorskip("triton")
+    from ragkern.kernels._aot import compile_modules
+
+    records = compile_modules(["ragkern.kernels.cross_entropy"], archs=(80, 90))
+    assert len(records) == 2 * len(ce_mod.aot_specs()) == 48
+    spilled = [(r["kernel"], r["config"], r["arch"]) for r in records if r["stack_bytes"]]
+    assert not spilled
+    assert all(r["hgmma"] > 0 for r in records if r["arch"] == "sm_90")
