@@ -6,5 +6,6 @@ also the CPU path. This package imports torch and triton only, never transformer
 
 from .attention import varlen_attention
 from .cross_entropy import fused_linear_cross_entropy
+from .lora import lora_linear
 
-__all__ = ["fused_linear_cross_entropy", "varlen_attention"]
+__all__ = ["fused_linear_cross_entropy", "lora_linear", "varlen_attention"]

@@ -1,0 +1,187 @@
+"""lora_linear (torch path and Triton under the interpreter) against peft's own LoRA layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from ragkern.kernels import lora_linear
+from ragkern.kernels.lora import aot_specs, dropout_keep_mask
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _peft_layer(K: int, N: int, r: int, bias: bool, dropout: float = 0.0, alpha: int = 16):
+    """A peft LoRA layer over nn.Linear(K, N) with random (non-zero) A and B."""
+    base = torch.nn.Sequential()
+    base.add_module("proj", torch.nn.Linear(K, N, bias=bias))
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=dropout)
+    layer = get_peft_model(base, cfg).base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        if bias:
+            layer.base_layer.bias.normal_()
+    return layer
+
+
+def _params(layer, dtype=torch.float32):
+    w = layer.base_layer.weight.detach().to(dtype)
+    b = layer.base_layer.bias.detach().to(dtype) if layer.base_layer.bias is not None else None
+    a = layer.lora_A["default"].weight.detach().to(dtype).clone().requires_grad_()
+    bb = layer.lora_B["default"].weight.detach().to(dtype).clone().requires_grad_()
+    return w, b, a, bb, layer.scaling["default"]
+
+
+def _peft_run(layer, x, g):
+    x = x.detach().float().clone().requires_grad_()
+    y = layer(x)
+    y.backward(g.float())
+    return y, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+
+
+def _compare(layer, x, backend, dtype=torch.float32):
+    torch.manual_seed(1)
+    g = torch.randn(*x.shape[:-1], layer.out_features, dtype=dtype)
+    y_ref, gx_ref, ga_ref, gb_ref = _peft_run(layer, x, g)
+    w, b, a, bb, s = _params(layer, dtype)
+    xx = x.detach().to(dtype).clone().requires_grad_()
+    y = lora_linear(xx, w, a, bb, s, bias=b, backend=backend)
+    y.backward(g)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    tol = TOL[dtype]
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    torch.testing.assert_close(xx.grad.float(), gx_ref, **tol)
+    torch.testing.assert_close(a.grad.float(), ga_ref, **tol)
+    torch.testing.assert_close(bb.grad.float(), gb_ref, **tol)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("lead", [(37,), (3, 13)], ids=["2d", "3d"])
+@pytest.mark.parametrize("r", [1, 8, 16, 64])
+def test_torch_matches_peft(r, lead, bias):
+    torch.manual_seed(0)
+    layer = _peft_layer(67, 45, r, bias)
+    _compare(layer, torch.randn(*lead, 67), "torch")
+
+
+@pytest.mark.parametrize(
+    "r,lead,bias,dtype",
+    [
+        (1, (37,), True, torch.float32),
+        (8, (3, 13), False, torch.float32),
+        (16, (37,), False, torch.float16),
+        (64, (3, 13), True, torch.float16),
+        (64, (37,), True, torch.float32),
+    ],
+    ids=["r1-2d-bias-fp32", "r8-3d-fp32", "r16-2d-fp16", "r64-3d-bias-fp16", "r64-2d-bias-fp32"],
+)
+def test_triton_matches_peft(r, lead, bias, dtype):
+    torch.manual_seed(0)
+    layer = _peft_layer(67, 45, r, bias)  # 67 in, 45 out: not multiples of any block
+    if dtype == torch.float16:  # peft runs in fp32 on fp16-representable values
+        with torch.no_grad():
+            for prm in layer.parameters():
+                prm.copy_(prm.half().float())
+    _compare(layer, torch.randn(*lead, 67).to(dtype).float(), "triton", dtype)
+
+
+def _dropout_reference(x, w, b, a, bb, s, keep, p):
+    xd = x * keep.to(x.dtype) / (1 - p)
+    return torch.nn.functional.linear(x, w, b) + s * (xd @ a.t()) @ bb.t()
+
+
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.float16)],
+)
+def test_dropout_matches_masked_reference(backend, dtype):
+    torch.manual_seed(0)
+    T, K, N, r, p, seed = 41, 67, 45, 8, 0.3, 1234
+    layer = _peft_layer(K, N, r, bias=True)
+    w, b, a, bb, s = _params(layer, dtype)
+    x = torch.randn(T, K, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, N, dtype=dtype)
+    y = lora_linear(x, w, a, bb, s, bias=b, dropout_p=p, seed=seed, backend=backend)
+    y.backward(g)
+
+    keep = dropout_keep_mask((T, K), p, seed, backend=backend)
+    xr = x.detach().float().clone().requires_grad_()
+    ar = a.detach().float().clone().requires_grad_()
+    br = bb.detach().float().clone().requires_grad_()
+    yr = _dropout_reference(xr, w.float(), b.float(), ar, br, s, keep, p)
+    yr.backward(g.float())
+    tol = TOL[dtype]
+    torch.testing.assert_close(y.float(), yr, **tol)
+    torch.testing.assert_close(x.grad.float(), xr.grad, **tol)
+    torch.testing.assert_close(a.grad.float(), ar.grad, **tol)
+    torch.testing.assert_close(bb.grad.float(), br.grad, **tol)
+
+    # same seed, same result; another seed, another mask
+    y2 = lora_linear(
+        x.detach(), w, a.detach(), bb.detach(), s, bias=b, dropout_p=p, seed=seed, backend=backend
+    )
+    torch.testing.assert_close(y2, y.detach(), atol=0, rtol=0)
+    assert not torch.equal(keep, dropout_keep_mask((T, K), p, seed + 1, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_drop_rate(backend, p):
+    n = 200 * 300
+    keep = dropout_keep_mask((200, 300), p, 7, backend=backend)
+    dropped = 1 - keep.float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5  # 5 standard deviations
+    # no structure along rows or columns: every row's rate is plausible
+    rows = 1 - keep.float().mean(1)
+    assert (rows - p).abs().max() < 6 * (p * (1 - p) / 300) ** 0.5
+
+
+def test_no_dropout_in_auto_on_cpu_is_torch_path():
+    torch.manual_seed(0)
+    x, w, a, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    torch.testing.assert_close(lora_linear(x, w, a, b, 0.5), lora_linear(x, w, a, b, 0.5, backend="torch"))
+
+
+def test_weight_and_bias_grads_when_trainable():
+    torch.manual_seed(0)
+    x = torch.randn(9, 8)
+    w, bias = torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True)
+    a, b = torch.randn(3, 8, requires_grad=True), torch.randn(6, 3, requires_grad=True)
+    for backend in ("torch", "triton"):
+        y = lora_linear(x, w, a, b, 2.0, bias=bias, backend=backend)
+        gw, gbias = torch.autograd.grad(y.square().sum(), (w, bias))
+        wr, br = w.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+        yr = x @ wr.t() + br + 2.0 * (x @ a.detach().t()) @ b.detach().t()
+        gwr, gbr = torch.autograd.grad(yr.square().sum(), (wr, br))
+        torch.testing.assert_close(gw, gwr, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(gbias, gbr, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(w=torch.randn(6, 7)), "weight must be"),
+        (dict(a=torch.randn(2, 7)), "lora_a must be"),
+        (dict(b=torch.randn(5, 2)), "lora_b must be"),
+        (dict(bias=torch.randn(5)), "bias must be"),
+        (dict(a=torch.randn(2, 8, dtype=torch.float64)), "dtype"),
+        (dict(x=torch.randn(4, 8, dtype=torch.float64)), "x must be"),
+        (dict(p=1.0), "dropout_p"),
+        (dict(backend="cuda"), "backend="),
+    ],
+    ids=["weight", "lora_a", "lora_b", "bias", "dtype", "x-dtype", "p", "backend"],
+)
+def test_errors(change, match):
+    args = dict(x=torch.randn(4, 8), w=torch.randn(6, 8), a=torch.randn(2, 8), b=torch.randn(6, 2), bias=None)
+    args.update(p=0.0, backend="torch")
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        lora_linear(
+            args["x"], args["w"], args["a"], args["b"], 1.0,
+            bias=args["bias"], dropout_p=args["p"], backend=args["backend"],
+        )  # fmt: skip
+
+
+def test_aot_specs_listed():
+    specs = aot_specs()
+    assert {s.kernel for s in specs} == {"lora_xa", "lora_fwd", "lora_dx", "lora_da"}
