@@ -212,16 +212,16 @@ def _triton_backward(hidden, weight, bias, labels, rows, scale, lse, softcap, sm
 # ---------------------------------------------------------------------------------------------- torch
 
 
-def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, want_grad):
-    """The chunked path: per-token loss, z-term ``(N,)`` and, if ``want_grad``, the gradients of
-    ``sum_i scale[i] * loss_i`` (``scale`` defaults to 1)."""
+def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, need):
+    """The chunked path: per-token loss and z-term ``(N,)``, and the gradients of ``sum_i scale[i] * loss_i``
+    (``scale`` defaults to 1) for the inputs flagged in ``need`` = (hidden, weight, bias); None for others."""
     N, (V, D) = hidden.shape[0], weight.shape
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.zeros(N, device=hidden.device, dtype=acc_dtype)
     zterm = torch.zeros_like(loss)
-    gh = torch.zeros(N, D, device=hidden.device, dtype=acc_dtype) if want_grad else None
-    gw = torch.zeros(V, D, device=weight.device, dtype=acc_dtype) if want_grad else None
-    gb = torch.zeros(V, device=weight.device, dtype=acc_dtype) if want_grad and bias is not None else None
+    gh = torch.zeros(N, D, device=hidden.device, dtype=acc_dtype) if need[0] else None
+    gw = torch.zeros(V, D, device=weight.device, dtype=acc_dtype) if need[1] else None  # frozen lm_head: skip
+    gb = torch.zeros(V, device=weight.device, dtype=acc_dtype) if need[2] else None
     step = max(1, _CHUNK_ELEMS // V)
     for start in range(0, rows.numel(), step):
         idx = rows[start : start + step]
@@ -239,7 +239,7 @@ def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, s
         zt = z_loss * lse * lse
         loss[idx] = wt * (ce + zt)
         zterm[idx] = wt * zt
-        if not want_grad:
+        if not any(need):
             continue
         # d loss_i / d s = w_i * ((1 + 2 z lse) softmax - (1 - eps) onehot(y) - eps / V), in place over z
         row_scale = wt if scale is None else wt * scale[idx].to(acc_dtype)
@@ -249,13 +249,13 @@ def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, s
             ds -= (smoothing / V * row_scale)[:, None]
         if softcap is not None:
             ds.mul_(1.0 - t * t)
-        gh[idx] = (ds.to(hidden.dtype) @ weight).to(acc_dtype)
-        gw.addmm_(ds.T, h.to(acc_dtype))
+        if gh is not None:
+            gh[idx] = (ds.to(hidden.dtype) @ weight).to(acc_dtype)
+        if gw is not None:
+            gw.addmm_(ds.T, h.to(acc_dtype))
         if gb is not None:
             gb += ds.sum(0)
-    grads = None
-    if want_grad:
-        grads = (gh.to(hidden.dtype), gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
+    grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip((gh, gw, gb), (hidden, weight, bias)))
     return loss.float(), zterm.float(), grads
 
 
@@ -271,31 +271,30 @@ def _reduce(per_token, reduction, count):
 
 class _ChunkedFLCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss, reduction):
-        want_grad = any(ctx.needs_input_grad[:3])
-        loss, zterm, grads = _torch_chunks(
-            hidden, weight, bias, labels, rows, weights, None, softcap, smoothing, z_loss, want_grad
-        )
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, weights, *(grads or (None, None, None)))
-        ctx.cfg = (softcap, smoothing, z_loss, reduction, rows.numel())
+    def forward(
+        ctx, hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss, reduction, need
+    ):
+        # need: which of (hidden, weight, bias) get gradients (none under no_grad: inference costs one matmul)
+        opts = (softcap, smoothing, z_loss, need)
+        loss, zterm, grads = _torch_chunks(hidden, weight, bias, labels, rows, weights, None, *opts)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, weights, *grads)
+        ctx.cfg = (opts, reduction, rows.numel())
         return _reduce(loss, reduction, rows.numel()), _reduce(zterm, reduction, rows.numel())
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z):
         hidden, weight, bias, labels, rows, weights, gh, gw, gb = ctx.saved_tensors
-        softcap, smoothing, z_loss, reduction, count = ctx.cfg
+        opts, reduction, count = ctx.cfg
         if reduction == "mean":
             grad_loss = grad_loss / max(count, 1)
         if reduction == "none":
             g = grad_loss[rows]
             if g.numel() and not bool((g == g[0]).all()):  # per-token scales: recompute with them
-                gh, gw, gb = _torch_chunks(
-                    hidden, weight, bias, labels, rows, weights, grad_loss, softcap, smoothing, z_loss, True
-                )[2]
-                return gh, gw, gb, *([None] * 7)
+                grads = _torch_chunks(hidden, weight, bias, labels, rows, weights, grad_loss, *opts)[2]
+                return *grads, *([None] * 8)
             grad_loss = g[0] if g.numel() else grad_loss.new_zeros(())
         grads = [None if x is None else x * grad_loss.to(x.dtype) for x in (gh, gw, gb)]
-        return *grads, *([None] * 7)
+        return *grads, *([None] * 8)
 
 
 class _TritonFLCE(torch.autograd.Function):
@@ -413,14 +412,17 @@ def fused_linear_cross_entropy(
     if weights is None:
         weights = torch.ones(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     rows = (labels != ignore_index).nonzero().squeeze(1)  # (n_targets,) int64: ignored tokens cost nothing
-    fn = _TritonFLCE if backend == "triton" else _ChunkedFLCE
     labels = labels.long()
+    opts = (softcap, float(label_smoothing), float(z_loss), reduction)
     if backend == "triton":
-        rows = rows.to(torch.int32)
-        weights = weights.float().contiguous()
-    loss, zterm = fn.apply(
-        hidden, weight, bias, labels, rows, weights, softcap, float(label_smoothing), float(z_loss), reduction
-    )
+        loss, zterm = _TritonFLCE.apply(
+            hidden, weight, bias, labels, rows.to(torch.int32), weights.float().contiguous(), *opts
+        )
+    else:
+        need = tuple(
+            torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)
+        )
+        loss, zterm = _ChunkedFLCE.apply(hidden, weight, bias, labels, rows, weights, *opts, need)
     return (loss, zterm.detach()) if return_z_loss else loss
 
 

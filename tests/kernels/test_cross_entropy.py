@@ -113,6 +113,20 @@ def test_torch_float64_and_int32_labels():
     torch.testing.assert_close(got.double(), reference(hidden, weight, labels)[0])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_frozen_weight(reduction, small_chunks):
+    """A frozen lm_head (LoRA elsewhere): only grad_hidden is computed, and it is right."""
+    hidden, weight, _, labels, _ = make_inputs(29, 16, 301, seed=5)
+    hidden.requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, softcap=4.0, reduction=reduction)
+    ref_hidden = hidden.detach().double().requires_grad_()
+    ref = reference(ref_hidden, weight, labels, softcap=4.0, reduction=reduction)[0]
+    go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3))
+    (got,) = torch.autograd.grad(loss, hidden, go)
+    (want,) = torch.autograd.grad(ref, ref_hidden, go.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
 def test_all_ignored_is_zero_not_nan():
     hidden, weight, _, labels, _ = make_inputs(5, 8, 11)
     labels[:] = IGNORE
