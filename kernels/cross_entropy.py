@@ -119,10 +119,11 @@ if triton is not None:
         tl.store(ZTERM + row, wt * zterm, mask=rmask)
         tl.store(LSE + row, lse, mask=rmask)
 
-    @triton.jit
+    # need_*: runtime flags (one compiled kernel) so a frozen lm_head costs no grad_weight matmul or buffer
+    @triton.jit(do_not_specialize=["need_dh", "need_dw", "need_db"])
     def _flce_bwd_kernel(
         H, W, B, Y, ROWS, SCALE, LSE, GH, GW, GB,
-        n_rows, V, D, softcap, smoothing, z_coef,
+        n_rows, V, D, softcap, smoothing, z_coef, need_dh, need_dw, need_db,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -161,18 +162,23 @@ if triton is not None:
                 ds *= 1.0 - t * t
             ds = tl.where(rmask[:, None] & cmask[None, :], ds, 0.0)
             if HAS_BIAS:
-                tl.atomic_add(GB + cols, tl.sum(ds, axis=0), mask=cmask)
+                if need_db:
+                    tl.atomic_add(GB + cols, tl.sum(ds, axis=0), mask=cmask)
             ds_in = ds.to(H.dtype.element_ty)
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 dmask = dd < D
                 hmask = rmask[:, None] & dmask[None, :]
                 wmask = cmask[:, None] & dmask[None, :]
-                w = tl.load(W + cols[:, None] * D + dd[None, :], mask=wmask, other=0.0)
-                gh = tl.load(GH + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
-                tl.store(GH + hrow[:, None] + dd[None, :], tl.dot(ds_in, w, gh), mask=hmask)
-                h = tl.load(H + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
-                tl.atomic_add(GW + cols[:, None] * D + dd[None, :], tl.dot(tl.trans(ds_in), h), mask=wmask)
+                if need_dh:  # rows are owned by this program: plain read-add-write
+                    w = tl.load(W + cols[:, None] * D + dd[None, :], mask=wmask, other=0.0)
+                    gh = tl.load(GH + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
+                    tl.store(GH + hrow[:, None] + dd[None, :], tl.dot(ds_in, w, gh), mask=hmask)
+                if need_dw:  # vocab rows are shared by every program
+                    h = tl.load(H + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
+                    tl.atomic_add(
+                        GW + cols[:, None] * D + dd[None, :], tl.dot(tl.trans(ds_in), h), mask=wmask
+                    )
 
 
 def _launch_args(hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, config):
@@ -196,17 +202,19 @@ def _triton_forward(hidden, weight, bias, labels, rows, weights, softcap, smooth
     return loss, lse, zterm
 
 
-def _triton_backward(hidden, weight, bias, labels, rows, scale, lse, softcap, smoothing, z_loss):
-    """Gradients for per-token losses scaled by ``scale`` ``(N,)``: (grad_hidden, grad_weight, grad_bias)."""
-    gh = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
-    gw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-    gb = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if bias is not None else None
-    if rows.numel():
+def _triton_backward(hidden, weight, bias, labels, rows, scale, lse, softcap, smoothing, z_loss, need):
+    """Gradients for per-token losses scaled by ``scale`` ``(N,)``: (grad_hidden, grad_weight, grad_bias),
+    None where ``need`` = (hidden, weight, bias) says no."""
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    bufs = [torch.zeros(x.shape, **f32) if n else None for x, n in zip((hidden, weight, bias), need)]
+    if rows.numel() and any(need):
         grid, ptrs, common, meta = _launch_args(
             hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, _BWD_CONFIG
         )
-        _flce_bwd_kernel[grid](*ptrs, scale, lse, gh, gw, gb if gb is not None else gw, *common, **meta)
-    return gh.to(hidden.dtype), gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype)
+        dummy = next(b for b in bufs if b is not None)  # never written when its flag is 0
+        gh, gw, gb = (dummy if b is None else b for b in bufs)
+        _flce_bwd_kernel[grid](*ptrs, scale, lse, gh, gw, gb, *common, *map(int, need), **meta)
+    return tuple(None if b is None else b.to(x.dtype) for b, x in zip(bufs, (hidden, weight, bias)))
 
 
 # ---------------------------------------------------------------------------------------------- torch
@@ -314,10 +322,11 @@ class _TritonFLCE(torch.autograd.Function):
         if reduction == "mean":
             grad_loss = grad_loss / max(count, 1)
         scale = (weights.float() * grad_loss.float()).contiguous()  # (N,): grad_loss broadcasts when scalar
-        gh, gw, gb = _triton_backward(
-            hidden, weight, bias, labels, rows, scale, lse, softcap, smoothing, z_loss
+        need = tuple(ctx.needs_input_grad[:3])
+        grads = _triton_backward(
+            hidden, weight, bias, labels, rows, scale, lse, softcap, smoothing, z_loss, need
         )
-        return gh, gw, gb, *([None] * 7)
+        return *grads, *([None] * 7)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -435,9 +444,15 @@ def aot_specs() -> list:
 
     scalars = dict(n_rows="i32", V="i32", D="i32", softcap="fp32", smoothing="fp32", z_coef="fp32")
     specs = []
-    for name, fn, outs, config in (
-        ("flce_fwd", _flce_fwd_kernel, ("WTS", "LOSS", "LSE", "ZTERM"), _FWD_CONFIG),
-        ("flce_bwd", _flce_bwd_kernel, ("SCALE", "LSE", "GH", "GW", "GB"), _BWD_CONFIG),
+    for name, fn, outs, flags, config in (
+        ("flce_fwd", _flce_fwd_kernel, ("WTS", "LOSS", "LSE", "ZTERM"), (), _FWD_CONFIG),
+        (
+            "flce_bwd",
+            _flce_bwd_kernel,
+            ("SCALE", "LSE", "GH", "GW", "GB"),
+            ("need_dh", "need_dw", "need_db"),
+            _BWD_CONFIG,
+        ),
     ):
         blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
         for dtype in ("fp16", "bf16", "fp32"):
@@ -445,8 +460,9 @@ def aot_specs() -> list:
                 for has_softcap in (False, True):
                     ptr = "*" + dtype
                     signature = dict(H=ptr, W=ptr, B=ptr, Y="*i64", ROWS="*i32", **{o: "*fp32" for o in outs})
+                    signature.update(scalars, **{f: "i32" for f in flags})
                     constexprs = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **blocks)
-                    signature.update(scalars, **{k: "constexpr" for k in constexprs})
+                    signature.update({k: "constexpr" for k in constexprs})
                     tile = " ".join(f"{k[6:]}={v}" for k, v in blocks.items())
                     specs.append(
                         AotSpec(

@@ -113,12 +113,18 @@ def test_torch_float64_and_int32_labels():
     torch.testing.assert_close(got.double(), reference(hidden, weight, labels)[0])
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_frozen_weight(reduction, small_chunks):
+@pytest.mark.parametrize(
+    "backend, reduction", [("torch", "mean"), ("torch", "none"), ("triton", "none")], ids=lambda x: x
+)
+def test_frozen_weight(backend, reduction, small_chunks):
     """A frozen lm_head (LoRA elsewhere): only grad_hidden is computed, and it is right."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     hidden, weight, _, labels, _ = make_inputs(29, 16, 301, seed=5)
     hidden.requires_grad_()
-    loss = fused_linear_cross_entropy(hidden, weight, labels, softcap=4.0, reduction=reduction)
+    loss = fused_linear_cross_entropy(
+        hidden, weight, labels, softcap=4.0, reduction=reduction, backend=backend
+    )
     ref_hidden = hidden.detach().double().requires_grad_()
     ref = reference(ref_hidden, weight, labels, softcap=4.0, reduction=reduction)[0]
     go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3))
