@@ -1,0 +1,249 @@
+"""varlen_attention: the Triton kernels (under TRITON_INTERPRET=1, see conftest) against the per-example reference
+and against softmax attention written out in float64: output and dq, dk, dv.
+
+Tiles are 16 x 16 in the interpreter, so lengths 1, 5, 17, 37 ... cover partial, single and many tiles.
+"""
+
+import pytest
+import torch
+from ragkern.kernels import attention as attn_mod
+from ragkern.kernels import varlen_attention
+from ragkern.kernels.attention import block_mask, varlen_attention_reference
+
+pytestmark = pytest.mark.skipif(attn_mod.triton is None, reason="triton is not installed")
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def nan_empty(monkeypatch):
+    """Outputs allocated with torch.empty / empty_like start as NaN, so an element the kernel skips fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+def cu_of(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def make_blocks(lengths, g):
+    """Per example: a global prefix, 1-3 passages of random length, a global suffix (some parts may be empty)."""
+    out = []
+    for L in lengths:
+        ids = torch.zeros(L, dtype=torch.int32)
+        cuts = sorted(torch.randint(0, L + 1, (4,), generator=g).tolist())
+        for b, (a, e) in enumerate(zip(cuts[:-1], cuts[1:]), start=1):
+            ids[a:e] = b
+        out.append(ids)
+    return torch.cat(out)
+
+
+def make_inputs(lengths, Hq, Hkv, D, dtype, *, blocks=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, H, D, generator=g).to(dtype) for H in (Hq, Hkv, Hkv))
+    do = torch.randn(T, Hq, D, generator=g).to(dtype)
+    return q, k, v, do, cu_of(lengths), make_blocks(lengths, g) if blocks else None
+
+
+def naive(q, k, v, lengths, causal, block_ids, scale):
+    """Softmax attention per example and head, float64, with the mask spelled out."""
+    out, s = [], 0
+    group = q.shape[1] // k.shape[1]
+    for L in lengths:
+        qi, ki, vi = (x[s : s + L].double() for x in (q, k, v))
+        allowed = torch.ones(L, L, dtype=torch.bool)
+        if causal:
+            allowed = allowed.tril()
+        if block_ids is not None:
+            b = block_ids[s : s + L]
+            allowed &= (b[:, None] == 0) | (b[:, None] == b[None, :])
+        heads = []
+        for h in range(q.shape[1]):
+            scores = (qi[:, h] @ ki[:, h // group].T) * scale
+            p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+            heads.append(p @ vi[:, h // group])
+        out.append(torch.stack(heads, dim=1))
+        s += L
+    return torch.cat(out)
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1.0)).item()  # floor: a length-1 dq is exactly 0
+
+
+def run_triton(q, k, v, do, cu, max_len, causal, block_ids):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = varlen_attention(*leaves, cu, max_len, causal=causal, block_ids=block_ids, backend="triton")
+    grads = torch.autograd.grad(o, leaves, do)
+    return o, grads
+
+
+def check(lengths, Hq, Hkv, D, dtype, causal, blocks, seed=0):
+    q, k, v, do, cu, block_ids = make_inputs(lengths, Hq, Hkv, D, dtype, blocks=blocks, seed=seed)
+    o, grads = run_triton(q, k, v, do, cu, max(lengths), causal, block_ids)
+    for t in (o, *grads):
+        assert torch.isfinite(t).all(), "NaN/inf: an element was not written or the softmax broke"
+    assert o.dtype == dtype and [g.dtype for g in grads] == [dtype] * 3
+
+    leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
+    want = naive(*leaves64, lengths, causal, block_ids, D**-0.5)
+    want_grads = torch.autograd.grad(want, leaves64, do.double())
+    ref64 = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = varlen_attention_reference(*ref64, cu, causal=causal, block_ids=block_ids)
+    ref_grads = torch.autograd.grad(ref, ref64, do.double())
+    assert rel(ref, want) < 1e-10  # the package reference agrees with the spelled-out one
+
+    tol = TOL[dtype]
+    for name, got, w, r in zip(
+        ("out", "dq", "dk", "dv"), (o, *grads), (want, *want_grads), (ref, *ref_grads)
+    ):
+        assert rel(got, w) < tol, f"{name}: rel err {rel(got, w):.2e} vs float64 softmax"
+        assert rel(got, r) < tol, f"{name}: rel err {rel(got, r):.2e} vs reference"
+
+
+SHAPES = {"one": [37], "len1": [1], "many": [1, 17, 32, 5, 9]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("blocks", [False, True], ids=["noblocks", "blocks"])
+@pytest.mark.parametrize("shape", ["one", "many"])
+def test_matches_reference(shape, blocks, causal, dtype):
+    check(SHAPES[shape], 2, 1, 16, dtype, causal, blocks, seed=len(shape) * 4 + 2 * blocks + causal)
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 4, 8], ids=lambda r: f"gqa{r}")
+def test_gqa(ratio):
+    check([19, 3, 26], 8, 8 // ratio, 16, torch.float32, True, True, seed=ratio)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_length_one(dtype):
+    check(SHAPES["len1"], 2, 2, 16, dtype, True, False)
+    check([1, 1, 2, 1], 2, 2, 16, dtype, False, True)
+
+
+@pytest.mark.parametrize("D", [40, 80], ids=lambda d: f"d{d}")
+def test_padded_head_dim(D):
+    """head_dim not a power of 2: tiles padded to BLOCK_D, extra lanes masked."""
+    check([21, 6], 2, 1, D, torch.float32, True, True, seed=D)
+
+
+def test_empty_example_and_noncontiguous():
+    """A zero-length example in cu_seqlens; q/k/v as strided views of one fused projection."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [9, 0, 20]
+    T, Hq, Hkv, D = sum(lengths), 4, 2, 16
+    qkv = torch.randn(T, Hq + 2 * Hkv, D, generator=g)
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=1)
+    assert not q.is_contiguous()
+    o = varlen_attention(q, k, v, cu_of(lengths), 20, backend="triton")
+    want = naive(q, k, v, [9, 20], True, None, D**-0.5)
+    assert rel(o, want) < 1e-4
+
+
+def test_no_leak():
+    """Changing example 1 leaves examples 0 and 2 bit-identical: output and gradients."""
+    lengths = [13, 22, 18]
+    q, k, v, do, cu, block_ids = make_inputs(lengths, 4, 2, 16, torch.float32, blocks=True, seed=7)
+    o1, g1 = run_triton(q, k, v, do, cu, 22, True, block_ids)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[13:35] = torch.randn_like(x[13:35])
+    o2, g2 = run_triton(q2, k2, v2, do, cu, 22, True, block_ids)
+    keep = torch.ones(sum(lengths), dtype=torch.bool)
+    keep[13:35] = False
+    assert not torch.equal(o1[~keep], o2[~keep])
+    assert torch.equal(o1[keep], o2[keep])
+    for a, b in zip(g1, g2):
+        assert torch.equal(a[keep], b[keep])
+
+
+def test_passage_keys_see_only_their_passage():
+    """A passage's outputs do not depend on tokens outside it (what makes its KV cache reusable)."""
+    lengths = [30]
+    q, k, v, _, cu, _ = make_inputs(lengths, 2, 2, 16, torch.float32, seed=11)
+    block_ids = torch.tensor([0] * 5 + [1] * 10 + [2] * 10 + [0] * 5, dtype=torch.int32)
+    o1 = varlen_attention(q, k, v, cu, 30, block_ids=block_ids, backend="triton")
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:5] = torch.randn_like(x[:5])  # the global prefix before both passages
+    o2 = varlen_attention(q2, k2, v2, cu, 30, block_ids=block_ids, backend="triton")
+    assert torch.equal(o1[5:25], o2[5:25])
+    assert torch.equal(block_mask(block_ids)[5:25, :5], torch.zeros(20, 5, dtype=torch.bool))
+
+
+def test_auto_on_cpu_is_the_reference():
+    q, k, v, _, cu, block_ids = make_inputs([7, 12], 2, 1, 16, torch.float32, blocks=True)
+    got = varlen_attention(q, k, v, cu, 12, block_ids=block_ids)
+    assert torch.equal(got, varlen_attention_reference(q, k, v, cu, block_ids=block_ids))
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def good():
+    q, k, v, _, cu, block_ids = make_inputs([5, 6], 4, 2, 16, torch.float32, blocks=True)
+    return dict(q=q, k=k, v=v, cu_seqlens=cu, max_seqlen=6, block_ids=block_ids, backend="triton")
+
+
+def call(**kw):
+    a = good()
+    a.update(kw)
+    return varlen_attention(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("cu_seqlens"), a.pop("max_seqlen"), **a)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: {"k": a["k"][:10]}, "same shape|agree on total"),
+        (lambda a: {"v": a["v"][:, :1]}, "same shape"),
+        (lambda a: {"q": a["q"][:, :, :8]}, "head_dim"),
+        (lambda a: {"q": a["q"][:, :3]}, "multiple of key/value heads"),
+        (lambda a: {"cu_seqlens": a["cu_seqlens"].long()}, "int32"),
+        (lambda a: {"cu_seqlens": torch.tensor([0, 5, 10], dtype=torch.int32)}, "end at total=11"),
+        (lambda a: {"cu_seqlens": torch.tensor([0, 7, 11], dtype=torch.int32)}, "max_seqlen=6"),
+        (lambda a: {"q": a["q"].double(), "k": a["k"].double(), "v": a["v"].double()}, "fp16/bf16/fp32"),
+        (lambda a: {"q": a["q"].half()}, "share one of"),
+        (lambda a: {"block_ids": a["block_ids"].long()}, "block_ids must be int32"),
+        (lambda a: {"block_ids": a["block_ids"][:5]}, "block_ids must be int32 of shape"),
+        (lambda a: {"backend": "cuda"}, "backend="),
+    ],
+    ids=[
+        "total-mismatch", "kv-mismatch", "qk-head-dim", "heads-not-divisible", "cu-int64", "cu-wrong-end",
+        "max-seqlen-small", "float64", "mixed-dtype", "block-ids-int64", "block-ids-short", "bad-backend",
+    ],
+)  # fmt: skip
+def test_bad_input(change, match):
+    with pytest.raises(ValueError, match=match):
+        call(**change(good()))
+
+
+@pytest.mark.parametrize("D", [12, 20, 264], ids=lambda d: f"d{d}")
+def test_unsupported_head_dim_for_triton(D):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(11, 2, D, generator=g) for _ in range(3))
+    cu = cu_of([5, 6])
+    with pytest.raises(ValueError, match=f"head_dim={D} is not supported by the Triton kernel"):
+        varlen_attention(q, k, v, cu, 6, backend="triton")
+    varlen_attention(q, k, v, cu, 6, backend="torch")  # the reference takes any head_dim
+
+
+def test_triton_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        call()
+
+
+def test_triton_missing(monkeypatch):
+    monkeypatch.setattr(attn_mod, "triton", None)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        call()
+    a = good()
+    varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], 6, backend="auto")  # auto still works
