@@ -1,22 +1,24 @@
-"""``ragkern demo``: a tiny Llama learns, on CPU in about three minutes, to answer from its oracle passage.
+"""``ragkern demo``: a tiny Llama learns, on CPU in a few minutes, to answer from its oracle passage.
 
-The task (fictional facts, drawn fresh per example so that only reading can answer)::
+The task (fictional facts, drawn fresh per record so that only reading can answer)::
 
     Passages:
-    [1] dovak: mipel          <- each passage: a fictional name and its code word
-    [2] zurin: talop          <- the codes of one record are distinct, so the answer
-    [3] kemod: vasur             is in its oracle passage and in no distractor
-    [4] lofin: budek
-    Question: kemod           -> answer "vasur"   (oracle = [2], 0-based)
+    [1] dovak mipel           <- each passage: a fictional name and its code word
+    [2] zurin talop           <- the names and the codes of one record are distinct, so
+    [3] kemod vasur              the answer's code is in its oracle passage and in no distractor
+    [4] lofin budek
+    Question: kemod ?         -> answer "kemod vasur"   (oracle = [2], 0-based)
 
-Names and codes are re-drawn for every record, so memorising facts cannot help: the model must find the
-question's name among the passages and copy the word after it. A model that copies a random passage's code
-scores 1 / num_passages (chance). The template is induction-friendly: the name sits at the same distance
-before the answer slot as before its code in the passage.
+Codes are re-drawn for every record, so memorising facts cannot help: the model must find the question's
+name among the passages and copy the word after it. The answer repeats the name first, so the code is
+predicted right after the name, as in the passage (an induction pattern: find the earlier occurrence of
+the current token, copy the next one). A model that copies a random passage's code scores 1 / num_passages
+(chance); exact match counts the whole answer.
 
-The recipe: a 2-layer Llama (hidden 128, tied embeddings), a vocabulary of a few hundred words, a soft
-curriculum (some training records have fewer passages), a high peak learning rate with warm-up and cosine
-decay, packed rows of short examples through :class:`ragkern.RagTrainer`.
+The recipe (:class:`DemoRecipe`): a 2-layer Llama (hidden 128, tied embeddings), a small vocabulary, a soft
+curriculum (training records have 1..num_passages passages), a high peak learning rate with warm-up and
+cosine decay, packed rows of short examples through :class:`ragkern.RagTrainer`, one CPU thread (tiny
+matrices; on a shared machine more threads mostly wait for each other).
 """
 
 from __future__ import annotations
@@ -46,8 +48,6 @@ class DemoRecipe:
     num_names: int = 120  # fictional names (question keys)
     num_codes: int = 120  # code words (answers); disjoint from the names
     train_records: int = 30_000
-    reading_records: int = 10_000  # DAP texts of fact lists read twice (dense copy targets), mixed in
-    reading_facts: int = 8  # facts per DAP text
     eval_records: int = 300  # held-out, distinct records
     curve_records: int = 100  # held-out records scored at each learning-curve point
     curve_points: int = 6
@@ -118,24 +118,6 @@ def make_records(
     return records
 
 
-def make_reading_texts(n: int, *, seed: int, recipe: DemoRecipe | None = None) -> list[dict]:
-    """``n`` DAP records ``{"text"}``: a list of fresh fictional facts, then the same facts in another order.
-
-    Every token is a target, so each repeated fact's code is a copy target: dense practice of the reading
-    skill the RAFT records need (find the name earlier in the context, copy the word after it).
-    """
-    recipe = recipe or DemoRecipe()
-    names, codes = task_vocabulary(recipe)
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        k = recipe.reading_facts
-        facts = [f"{a} {b}" for a, b in zip(rng.sample(names, k), rng.sample(codes, k))]
-        again = rng.sample(facts, k)
-        out.append({"text": " ; ".join(facts) + " . " + " ; ".join(again) + " .", "source": "reading"})
-    return out
-
-
 def build_tokenizer(recipe: DemoRecipe | None = None):
     """The demo's offline word-level tokenizer (special tokens, punctuation, the task's words)."""
     names, codes = task_vocabulary(recipe or DemoRecipe())
@@ -194,18 +176,30 @@ def run_demo(
     max_steps: int | None = None,
     recipe: DemoRecipe | None = None,
     quiet: bool = False,
+    num_threads: int | None = 1,
 ) -> dict:
     """Train the demo model with :class:`ragkern.RagTrainer` and report held-out answer accuracy.
 
     ``quick`` runs a few steps on little data (a smoke run, not a result); ``max_steps`` overrides the recipe.
     Writes the model and tokenizer (safetensors) and ``metrics.json`` to ``output_dir``; returns the metrics:
     ``accuracy_before``, ``accuracy_after``, ``chance``, ``fill_ratio``, ``tokens_per_second``,
-    ``learning_curve`` and timings.
+    ``learning_curve`` and timings. ``num_threads`` sets torch's CPU threads for the run (None: unchanged).
     """
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _run_demo(Path(output_dir), seed, quick, max_steps, recipe or DemoRecipe(), quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(
+    out: Path, seed: int, quick: bool, max_steps: int | None, recipe: DemoRecipe, quiet: bool
+) -> dict:
     from . import RagTrainer, RagTrainingArguments
 
     t0 = time.perf_counter()
-    recipe = recipe or DemoRecipe()
     steps = max_steps if max_steps is not None else (10 if quick else recipe.max_steps)
     if steps < 1:
         raise ValueError(f"max_steps={steps} must be >= 1")
@@ -219,8 +213,6 @@ def run_demo(
         recipe=recipe,
         num_passages=(recipe.min_train_passages, recipe.num_passages),
     )
-    n_read = min(recipe.reading_records, 100) if quick else recipe.reading_records
-    train = train + make_reading_texts(n_read, seed=seed * 1000 + 3, recipe=recipe)
     held_out = make_records(n_eval, seed=seed * 1000 + 2, recipe=recipe)
     curve_set = held_out[: min(recipe.curve_records, n_eval)]
     model = build_model(tokenizer, recipe, seed)
@@ -228,7 +220,7 @@ def run_demo(
     say = (lambda *a: None) if quiet else print
     chance = 1.0 / recipe.num_passages
     say(
-        f"ragkern demo: {len(train)} training records (1..{recipe.num_passages} passages), {len(held_out)} held-out "
+        f"ragkern demo: {len(train)} training records ({recipe.min_train_passages}..{recipe.num_passages} passages), {len(held_out)} held-out "
         f"records with {recipe.num_passages} passages (chance {chance:.2f}); Llama {recipe.num_layers} layers, "
         f"hidden {recipe.hidden_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
@@ -240,7 +232,7 @@ def run_demo(
         tokenizer, curve_set, [round(steps * (i + 1) / n_points) for i in range(n_points)], quiet=quiet
     )
     args = RagTrainingArguments(
-        output_dir=str(output_dir),
+        output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=recipe.bins_per_step,
         max_length=recipe.max_length,
@@ -284,7 +276,6 @@ def run_demo(
         "recipe": asdict(recipe),
         "seed": seed,
     }
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
