@@ -1,7 +1,21 @@
 """Records -> tokenized examples: ``{input_ids, labels, block_ids, source}``."""
 
-from .encode import IGNORE_INDEX, ExampleTooLongError, RecordError, encode, record_kind, render_prompt
+from .encode import (
+    IGNORE_INDEX,
+    ExampleTooLongError,
+    FitReport,
+    RecordError,
+    encode,
+    fit_raft,
+    record_kind,
+    render_prompt,
+    validate_record,
+)
+from .mix import iter_mix, mix_sources
 from .prepare import EncodedDataset, EncodeStats, encode_records
+from .raft import RaftBuilder, RaftEpochDataset
+from .records import LoadError, Records, iter_records, load_records
+from .stats import pack_stats
 from .tokenizer import build_word_tokenizer
 
 __all__ = [
@@ -9,10 +23,22 @@ __all__ = [
     "EncodeStats",
     "EncodedDataset",
     "ExampleTooLongError",
+    "FitReport",
+    "LoadError",
+    "RaftBuilder",
+    "RaftEpochDataset",
     "RecordError",
+    "Records",
     "build_word_tokenizer",
     "encode",
     "encode_records",
+    "fit_raft",
+    "iter_mix",
+    "iter_records",
+    "load_records",
+    "mix_sources",
+    "pack_stats",
     "record_kind",
     "render_prompt",
+    "validate_record",
 ]

@@ -1,8 +1,10 @@
 """Encode a whole collection of records into a dataset of examples, with the length policy applied.
 
 Length policy (invariant 4 of DESIGN.md): a DAP document longer than ``max_length`` is split into chunks of
-``max_length`` tokens, every chunk trained; any other example longer than ``max_length`` is dropped and
-counted (or, with ``strict=True``, raises). Nothing is dropped silently: the counts are logged and kept in
+``max_length`` tokens, every chunk trained; a RAFT example longer than ``max_length`` drops distractor passages,
+then truncates passages (:func:`ragkern.data.fit_raft`), never the question, reasoning or answer, and is dropped
+and counted only if even that cannot fit; any other example longer than ``max_length`` is dropped and counted
+(or, with ``strict=True``, every example over the limit raises). Nothing is dropped silently: the counts are logged and kept in
 ``EncodedDataset.stats``.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .encode import ExampleTooLongError, RecordError, encode, record_kind
+from .encode import ExampleTooLongError, RecordError, encode, fit_raft, record_kind
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +31,19 @@ class EncodeStats:
     dropped_too_long: int = 0
     dap_chunks: int = 0
     dropped_ids: list = field(default_factory=list)  # ids (or indices) of dropped records
+    trimmed: int = 0  # RAFT examples made to fit by dropping distractors and/or truncating passages
+    dropped_distractors: int = 0  # passages removed by the length policy, over all trimmed examples
+    truncated_passages: int = 0  # examples whose passages had to be truncated
+    skipped_invalid: int = 0  # bad records skipped with on_error="skip"
+    errors: list = field(default_factory=list)  # the first messages of skipped records
+    per_source: dict = field(default_factory=dict)  # source -> examples kept
 
     def summary(self) -> str:
         return (
             f"{self.records} records -> {self.examples} examples; dropped {self.dropped_too_long} longer than "
-            f"max_length; {self.dap_chunks} DAP chunks from split documents"
+            f"max_length; trimmed {self.trimmed} RAFT examples ({self.dropped_distractors} distractors dropped, "
+            f"{self.truncated_passages} with truncated passages); {self.dap_chunks} DAP chunks from split "
+            f"documents; {self.skipped_invalid} invalid records skipped"
         )
 
 
@@ -66,6 +76,8 @@ def encode_records(
     *,
     max_length: int,
     strict: bool = False,
+    trim: bool = True,
+    on_error: str = "raise",
     show_progress: bool = True,
 ) -> EncodedDataset:
     """Encode every record (see :func:`ragkern.data.encode`) and apply the length policy.
@@ -74,7 +86,9 @@ def encode_records(
         records: dicts (a list, a ``datasets.Dataset`` or any iterable).
         tokenizer: a fast tokenizer with an EOS token.
         max_length: the longest example kept (the packed row length).
-        strict: raise on an example longer than ``max_length`` instead of dropping and counting it.
+        strict: raise on an example longer than ``max_length`` instead of trimming, dropping and counting it.
+        trim: apply the RAFT trimming policy (drop distractors, then truncate passages) before dropping.
+        on_error: "raise" on a bad record, or "skip" it and count it in ``stats.skipped_invalid`` (lenient).
         show_progress: show a progress bar.
 
     Raises:
@@ -82,14 +96,24 @@ def encode_records(
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     stats = EncodeStats()
     examples: list[dict] = []
     total = len(records) if hasattr(records, "__len__") else None
     for i, record in enumerate(tqdm(records, total=total, desc="encoding", disable=not show_progress)):
         stats.records += 1
         try:
-            is_dap = record_kind(record) == "dap"
-            example = encode(record, tokenizer, max_length=None if is_dap else max_length)
+            kind = record_kind(record)
+            is_dap = kind == "dap"
+            if kind == "raft" and trim and not strict:
+                example, fit = fit_raft(record, tokenizer, max_length)
+                if fit.trimmed:
+                    stats.trimmed += 1
+                    stats.dropped_distractors += fit.dropped_distractors
+                    stats.truncated_passages += fit.truncated_passages > 0
+            else:
+                example = encode(record, tokenizer, max_length=None if is_dap else max_length)
         except ExampleTooLongError as e:
             if strict:
                 raise RecordError(
@@ -99,7 +123,12 @@ def encode_records(
             stats.dropped_ids.append(record.get("id", i))
             continue
         except RecordError as e:
-            raise RecordError(f"record #{i}: {e}", field=e.field) from e
+            if on_error == "raise":
+                raise RecordError(f"record #{i}: {e}", field=e.field) from e
+            stats.skipped_invalid += 1
+            if len(stats.errors) < 20:
+                stats.errors.append(f"record #{i}: {e}")
+            continue
         if is_dap and len(example["input_ids"]) > max_length:
             pieces = _chunks(example, max_length)
             stats.dap_chunks += len(pieces)
@@ -107,6 +136,8 @@ def encode_records(
         else:
             examples.append(example)
     stats.examples = len(examples)
+    for e in examples:
+        stats.per_source[e.get("source", "default")] = stats.per_source.get(e.get("source", "default"), 0) + 1
     if stats.dropped_too_long:
         logger.warning(
             "dropped %d of %d records longer than max_length=%d (first ids: %s); raise max_length or shorten them",
@@ -115,5 +146,16 @@ def encode_records(
             max_length,
             stats.dropped_ids[:5],
         )
+    if stats.trimmed:
+        logger.warning(
+            "trimmed %d RAFT examples to fit max_length=%d: %d distractor passages dropped, %d examples with "
+            "truncated passages (questions and answers are never cut)",
+            stats.trimmed,
+            max_length,
+            stats.dropped_distractors,
+            stats.truncated_passages,
+        )
+    if stats.skipped_invalid:
+        logger.warning("skipped %d invalid records (first: %s)", stats.skipped_invalid, stats.errors[:3])
     logger.info("encoded %s", stats.summary())
     return EncodedDataset(examples, stats)

@@ -109,7 +109,8 @@ def test_raw_records_are_encoded_and_logged(tmp_path):
         },
         {"question": "who lives in paris?", "passages": ["beta lives in paris"], "answer": "beta"},
         {"text": "the river of rome is the river"},
-        {"id": "too-long", "question": "who?", "passages": ["alpha " * 300], "answer": "alpha"},
+        # Long passages would be trimmed (the RAFT length policy); a long answer cannot be: dropped, counted.
+        {"id": "too-long", "question": "who?", "passages": ["alpha"], "answer": "alpha " * 300},
     ]
     model = tiny_model("llama", vocab_size=len(tok))
     trainer = RagTrainer(
