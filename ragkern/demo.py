@@ -45,9 +45,9 @@ class DemoRecipe:
 
     num_passages: int = 4  # passages per evaluation record; chance = 1 / num_passages
     min_train_passages: int = 1  # training records draw 1..num_passages passages: a soft curriculum
-    num_names: int = 120  # fictional names (question keys)
-    num_codes: int = 120  # code words (answers); disjoint from the names
-    train_records: int = 30_000
+    num_names: int = 24  # fictional names (question keys)
+    num_codes: int = 24  # code words (answers); disjoint from the names
+    train_records: int = 12_000  # encoded once (about 10 s); steps beyond one epoch reshuffle them
     eval_records: int = 300  # held-out, distinct records
     curve_records: int = 100  # held-out records scored at each learning-curve point
     curve_points: int = 6
@@ -55,11 +55,11 @@ class DemoRecipe:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    max_steps: int = 1200
+    max_steps: int = 2000
     bins_per_step: int = 1
     max_length: int = 512  # tokens per packed bin
-    learning_rate: float = 3e-3
-    warmup_ratio: float = 0.05
+    learning_rate: float = 1e-2
+    warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     extra: dict = field(default_factory=dict)
 
