@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,34 +127,51 @@ def kernel_modules() -> list[str]:
     return names
 
 
-def _compile_in_process(modules: list[str], archs: tuple[int, ...], strict: bool) -> list[dict]:
-    records, errors = [], []
-    for name in modules:
-        for spec in importlib.import_module(name).aot_specs():
-            for arch in archs:
-                try:
-                    records.append(compile_spec(spec, arch))
-                except Exception as e:  # noqa: BLE001 - reported per config below
-                    msg = f"{name}: {spec.kernel} [{spec.config}] sm_{arch}: {type(e).__name__}: {e}"
-                    errors.append(msg)
-                    records.append(
-                        {"kernel": spec.kernel, "config": spec.config, "arch": f"sm_{arch}", "error": msg}
-                    )
+def _compile_task(task: tuple[str, int, int]) -> dict:
+    """Compile spec ``index`` of ``module`` for ``arch`` (a picklable task for worker processes)."""
+    name, index, arch = task
+    spec = importlib.import_module(name).aot_specs()[index]
+    try:
+        return compile_spec(spec, arch)
+    except Exception as e:  # noqa: BLE001 - reported per config
+        msg = f"{name}: {spec.kernel} [{spec.config}] sm_{arch}: {type(e).__name__}: {e}"
+        return {"kernel": spec.kernel, "config": spec.config, "arch": f"sm_{arch}", "error": msg}
+
+
+def _compile_in_process(modules: list[str], archs: tuple[int, ...], strict: bool, jobs: int) -> list[dict]:
+    tasks = [
+        (name, i, arch)
+        for name in modules
+        for i in range(len(importlib.import_module(name).aot_specs()))
+        for arch in archs
+    ]
+    if jobs > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(min(jobs, len(tasks))) as pool:
+            records = list(pool.map(_compile_task, tasks))
+    else:
+        records = [_compile_task(t) for t in tasks]
+    errors = [r["error"] for r in records if "error" in r]
     if strict and errors:
         raise AotError("AOT compilation failed:\n" + "\n".join(errors))
     return records
 
 
 def compile_modules(
-    modules: list[str] | None = None, archs: tuple[int, ...] = ARCHS, *, strict: bool = True
+    modules: list[str] | None = None,
+    archs: tuple[int, ...] = ARCHS,
+    *,
+    strict: bool = True,
+    jobs: int | None = None,
 ) -> list[dict]:
     """Compile every ``aot_specs()`` config of ``modules`` (default: all kernel modules) for each arch.
 
     Returns one record per (config, arch). ``strict`` raises :class:`AotError` listing every failure; otherwise
-    a failed config yields a record with an ``"error"`` key.
+    a failed config yields a record with an ``"error"`` key. ``jobs`` worker processes (default: all cores).
     """
+    jobs = jobs or os.cpu_count() or 1
     if not _in_interpreter():
-        return _compile_in_process(modules if modules is not None else kernel_modules(), tuple(archs), strict)
+        mods = modules if modules is not None else kernel_modules()
+        return _compile_in_process(mods, tuple(archs), strict, jobs)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [
         sys.executable,
@@ -161,6 +179,7 @@ def compile_modules(
         "ragkern.kernels._aot",
         *[a for arch in archs for a in ("--arch", str(arch))],
     ]
+    cmd += ["--jobs", str(jobs)]
     if not strict:
         cmd.append("--keep-going")
     cmd += modules or []
@@ -177,9 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("modules", nargs="*", help="e.g. ragkern.kernels.attention (default: all)")
     p.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default: both)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--keep-going", action="store_true", help="report failed configs instead of exiting")
     args = p.parse_args(argv)
-    records = compile_modules(args.modules or None, tuple(args.arch or ARCHS), strict=not args.keep_going)
+    records = compile_modules(
+        args.modules or None, tuple(args.arch or ARCHS), strict=not args.keep_going, jobs=args.jobs
+    )
     print(_MARK + json.dumps(records))
 
 

@@ -409,15 +409,17 @@ _INTERPRET_CONFIG = _Config(16, 16, 4, 1)
 
 def _gpu_configs(head_dim: int, dtype: torch.dtype) -> dict[str, _Config]:
     """Tiles for (forward, dkdv, dq) on sm_80/sm_90, chosen from the AOT kernel report (no spills, HGMMA)."""
-    wide = dtype == torch.float32
     if head_dim <= 64:
-        fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(32, 64, 4, 2), _Config(64, 32, 4, 2)
+        fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(32, 64, 8, 2), _Config(64, 32, 4, 2)
     elif head_dim <= 128:
-        fwd, dkdv, dq = _Config(64, 32, 4, 2), _Config(32, 64, 4, 2), _Config(64, 32, 4, 2)
-    else:
-        fwd, dkdv, dq = _Config(64, 32, 8, 2), _Config(16, 32, 4, 1), _Config(32, 16, 4, 1)
-    if wide:  # fp32 tiles take twice the shared memory
-        fwd = _Config(fwd.block_m // 2, fwd.block_n // 2 if fwd.block_n > 16 else 16, fwd.num_warps, 1)
+        fwd, dkdv, dq = _Config(64, 32, 4, 2), _Config(32, 64, 8, 2), _Config(64, 32, 4, 2)
+    else:  # dK/dV at 256 has no HGMMA: 64 keys per tile (wgmma's minimum M) spill heavily
+        fwd, dkdv, dq = _Config(64, 32, 8, 2), _Config(16, 32, 4, 1), _Config(64, 16, 8, 1)
+    if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers (and no HGMMA)
+        half = lambda c: _Config(
+            max(16, c.block_m // 2), max(16, c.block_n // 2), c.num_warps, 1
+        )  # tl.dot: >= 16
+        fwd, dkdv, dq = half(fwd), half(dkdv), half(dq)
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
 
 
@@ -689,12 +691,14 @@ _AOT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 
 def aot_specs() -> list[AotSpec]:
-    """Every (head_dim, dtype) configuration the GPU path launches, causal without block mask, plus the
-    non-causal and block-mask variants at head_dim 128 bf16 (they share tiles with the causal kernel)."""
+    """The GPU path's kernels: every head_dim in bf16, fp16 and fp32 at 64 and 128 (causal), and the non-causal and
+    block-mask variants at 128 bf16. Tiles depend on head_dim and dtype size only, so this covers every tile
+    configuration; the other (dtype, mask) combinations reuse one of them (compiling all would take minutes)."""
     if triton is None:
         return []
     specs = []
-    variants = [(D, dt, True, False) for D in (64, 80, 96, 128, 256) for dt in _AOT_DTYPES]
+    variants = [(D, torch.bfloat16, True, False) for D in (64, 80, 96, 128, 256)]
+    variants += [(D, dt, True, False) for D in (64, 128) for dt in (torch.float16, torch.float32)]
     variants += [(128, torch.bfloat16, False, False), (128, torch.bfloat16, True, True)]
     for D, dtype, causal, blocks in variants:
         ty, cfgs = _AOT_DTYPES[dtype], _gpu_configs(D, dtype)
