@@ -214,10 +214,21 @@ def _spans_mask(starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> np.nd
     return (ends > lo) & (starts < hi) & (ends > starts)
 
 
-def _stop_token_label(ids, labels, last: int, special: set, record: dict) -> None:
-    """Make the special token right after position ``last`` (the end-of-turn) a target, or refuse."""
-    if last + 1 < len(ids) and int(ids[last + 1]) in special:
-        labels[last + 1] = ids[last + 1]  # the end-of-turn token: the model must learn to stop
+def _stop_token_label(ids, labels, last: int, special: set, record: dict, text: str, starts, ends) -> None:
+    """Make the end-of-turn token after position ``last`` a target, with any whitespace-only tokens between
+    (byte-level BPE renders ``"content <|end|>"`` as content, ``" "``, ``<|end|>``: all must be generated)."""
+    j = last + 1
+    while (
+        j < len(ids)
+        and int(ids[j]) not in special
+        and ends[j] > starts[j]
+        and not text[starts[j] : ends[j]].strip()
+    ):
+        j += 1
+    if j < len(ids) and int(ids[j]) in special:
+        labels[last + 1 : j + 1] = ids[
+            last + 1 : j + 1
+        ]  # the end-of-turn token: the model must learn to stop
         return
     raise RecordError(
         "the chat template puts no special end-of-turn token right after the assistant text; "
@@ -252,7 +263,7 @@ def _tokenize_raft(record: dict, tokenizer, markers: list[int] | None = None):
         ids = np.append(ids, tokenizer.eos_token_id)
         labels = np.append(labels, tokenizer.eos_token_id)
     else:
-        _stop_token_label(ids, labels, last, set(tokenizer.all_special_ids), record)
+        _stop_token_label(ids, labels, last, set(tokenizer.all_special_ids), record, text, starts, ends)
 
     block_ids = np.zeros(len(ids), dtype=np.int64)
     real = np.nonzero(ends > starts)[0]  # tokens with text, in text order (special tokens have empty spans)
@@ -376,7 +387,16 @@ def _encode_instruct(record: dict, tokenizer) -> dict:
             raise RecordError("an assistant turn produced no tokens", record=record)
         labels[target] = ids[target]
         if messages is not None:
-            _stop_token_label(ids, labels, int(np.nonzero(target)[0][-1]), special, record)
+            _stop_token_label(
+                ids,
+                labels,
+                int(np.nonzero(target)[0][-1]),
+                special,
+                record,
+                text,
+                offsets[:, 0],
+                offsets[:, 1],
+            )
     if messages is None:
         ids = np.append(ids, tokenizer.eos_token_id)
         labels = np.append(labels, tokenizer.eos_token_id)
