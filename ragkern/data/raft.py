@@ -50,6 +50,8 @@ class RaftBuilder:
             (>= num_distractors; larger pools give more variety across epochs).
         shuffle: shuffle the passages of every example (else the oracle comes first).
         seed: the seed of every draw.
+        split_source: tag examples ``"<source>/oracle"`` or ``"<source>/no_oracle"`` so that per-source loss
+            logging reports RAFT's two cases apart.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class RaftBuilder:
         hard_pool: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
+        split_source: bool = False,
     ):
         if isinstance(corpus, str) or hasattr(corpus, "__fspath__"):
             corpus = load_records(corpus, name="corpus")
@@ -80,6 +83,7 @@ class RaftBuilder:
         self.hard_pool = max(hard_pool or 4 * num_distractors, num_distractors)
         self.shuffle = shuffle
         self.seed = seed
+        self.split_source = split_source
         self._bm25 = None
         self._pools: dict[str, np.ndarray] = {}
 
@@ -138,6 +142,8 @@ class RaftBuilder:
         out.update(passages=passages, oracle=oracle)
         out.setdefault("id", index)
         out.setdefault("source", "raft")
+        if self.split_source:
+            out["source"] = f"{out['source']}/{'oracle' if oracle else 'no_oracle'}"
         for name in ("answer", "reasoning"):
             if isinstance(out.get(name), str) and "{cite}" in out[name]:
                 out[name] = re.sub(r" ?\{cite\}", f" {cite}" if cite else "", out[name]).strip()

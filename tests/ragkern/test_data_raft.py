@@ -65,6 +65,8 @@ def test_oracle_kept_at_rate_p_oracle_and_positions_right():
                 assert r["answer"] == f"{q['answer'][:-7]} [{r['oracle'][0] + 1}]"
             else:
                 assert r["answer"] == q["answer"][:-7]
+    split = RaftBuilder(corpus, num_distractors=2, p_oracle=0.5, split_source=True).build_all(qa[:200])
+    assert all(r["source"] == ("raft/oracle" if r["oracle"] else "raft/no_oracle") for r in split)
     assert all(r["oracle"] for r in RaftBuilder(corpus, p_oracle=1.0).build_all(qa[:200]))
     assert not any(r["oracle"] for r in RaftBuilder(corpus, p_oracle=0.0).build_all(qa[:200]))
 
