@@ -1,4 +1,4 @@
-"""``ragkern demo``: a tiny Llama learns, on CPU in a few minutes, to answer from its oracle passage.
+"""``ragkern demo``: train a tiny Llama on CPU to answer from its oracle passage, and measure whether it does.
 
 The task (fictional facts, drawn fresh per record so that only reading can answer)::
 
@@ -19,6 +19,11 @@ The recipe (:class:`DemoRecipe`): a 2-layer Llama (hidden 128, tied embeddings),
 curriculum (training records have 1..num_passages passages), a high peak learning rate with warm-up and
 cosine decay, packed rows of short examples through :class:`ragkern.RagTrainer`, one CPU thread (tiny
 matrices; on a shared machine more threads mostly wait for each other).
+
+Status (measured on a heavily shared 2-core machine, 1,500-2,000 steps): held-out accuracy rises from 0 to
+about chance (0.2-0.3 with 4 passages): the model learns to copy *a* passage's code, but matching the
+question's name to its passage has not formed within that many steps. The learning curve in metrics.json
+shows where a run stands.
 """
 
 from __future__ import annotations
