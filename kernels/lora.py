@@ -20,8 +20,9 @@ Two paths, each an ``autograd.Function``:
 - triton (CUDA; CPU tensors under ``TRITON_INTERPRET=1``): ``_xa_kernel`` computes xa once per row block,
   ``_fwd_kernel`` adds ``scaling * xa B^T`` in the epilogue of the x W^T tile; ``_dx_kernel`` adds
   ``keep * gxa A`` in the epilogue of the g W tile; ``_da_kernel`` accumulates dA^T over row blocks. The keep
-  mask is ``tl.rand(seed, t * K + k) >= p`` (int32 offsets, so it repeats after 2^32 elements). The two
-  thin products gxa and dB are left to torch (``(T, R)`` and ``(N, R)`` outputs).
+  mask is ``tl.rand(seed, t * K + k) >= p``; the kernels use int32 offsets, so inputs with T * max(K, N) >= 2^31
+  run in row chunks (chunk c drawing from seed + c). The two thin products gxa and dB are left to torch
+  (``(T, R)`` and ``(N, R)`` outputs).
 
 :func:`dropout_keep_mask` materialises the mask a path would use, for tests only.
 """
@@ -40,11 +41,31 @@ except ImportError:  # CPU-only installs: the torch path still works
 
 _BACKENDS = ("auto", "torch", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Tiles chosen from the sm_80 / sm_90 AOT resource report (no spills; 64/128-row M tiles for Hopper wgmma).
-_FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
-_XA_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
-_DX_CONFIG = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=3)
-_DA_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+# Tiles chosen from the sm_80 / sm_90 AOT resource report: 128/64-row M tiles so Hopper uses wgmma (HGMMA)
+# for fp16/bf16; narrower K tiles when the in-kernel dropout mask (philox per element) is live; fp32 runs IEEE
+# (as torch's default matmul), which has no tensor-core path, so it gets small tiles that stay in registers.
+_CONFIGS = {
+    # (kernel, fp32, dropout) -> tiles and launch options
+    ("fwd", False, False): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    ("xa", False, False): dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    ("xa", False, True): dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    ("dx", False, False): dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=3),
+    ("dx", False, True): dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    ("da", False, False): dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    ("da", False, True): dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    ("fwd", True, False): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+    ("xa", True, False): dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    ("xa", True, True): dict(BLOCK_M=32, BLOCK_K=16, num_warps=4, num_stages=2),
+    ("dx", True, False): dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    ("dx", True, True): dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    ("da", True, False): dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    ("da", True, True): dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=2),
+}
+
+
+def _config(kernel: str, dtype: torch.dtype, dropout: bool) -> dict:
+    return _CONFIGS[(kernel, dtype == torch.float32, dropout and kernel != "fwd")]
+
 
 if triton is not None:
 
@@ -202,6 +223,13 @@ def _padded(t: torch.Tensor, rank_dim: int, R: int) -> torch.Tensor:
     return out
 
 
+def _row_chunks(T: int, width: int):
+    """(chunk index, first row, end row) so that rows * width stays below 2^31 (the kernels' int32 offsets)."""
+    step = max(128, (2**31 - 1) // max(width, 1) // 128 * 128)
+    for c, i in enumerate(range(0, T, step)):
+        yield c, i, min(i + step, T)
+
+
 def _triton_forward(x2, weight, lora_a, lora_b, bias, scaling, p, seed):
     T, K = x2.shape
     N, r = lora_b.shape
@@ -210,16 +238,17 @@ def _triton_forward(x2, weight, lora_a, lora_b, bias, scaling, p, seed):
     xa = torch.empty(T, R, device=x2.device, dtype=torch.float32)
     y = torch.empty(T, N, device=x2.device, dtype=x2.dtype)
     prec = _prec(x2.dtype)
-    c = _XA_CONFIG
-    _xa_kernel[(triton.cdiv(T, c["BLOCK_M"]),)](
-        x2, a, xa, T, K, seed, p, R=R, HAS_DROPOUT=p > 0, PREC=prec, **c
-    )
-    c = _FWD_CONFIG
-    grid = (triton.cdiv(T, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))
-    _fwd_kernel[grid](
-        x2, weight, xa, b, bias if bias is not None else y, y, T, N, K, float(scaling),
-        R=R, HAS_BIAS=bias is not None, PREC=prec, **c,
-    )  # fmt: skip
+    cx, cf = _config("xa", x2.dtype, p > 0), _config("fwd", x2.dtype, False)
+    for c, i, j in _row_chunks(T, max(K, N)):  # one chunk unless T * max(K, N) >= 2^31
+        t, xs, xas, ys = j - i, x2[i:j], xa[i:j], y[i:j]
+        _xa_kernel[(triton.cdiv(t, cx["BLOCK_M"]),)](
+            xs, a, xas, t, K, seed + c, p, R=R, HAS_DROPOUT=p > 0, PREC=prec, **cx
+        )
+        grid = (triton.cdiv(t, cf["BLOCK_M"]), triton.cdiv(N, cf["BLOCK_N"]))
+        _fwd_kernel[grid](
+            xs, weight, xas, b, bias if bias is not None else y, ys, t, N, K, float(scaling),
+            R=R, HAS_BIAS=bias is not None, PREC=prec, **cf,
+        )  # fmt: skip
     return y, xa
 
 
@@ -230,22 +259,25 @@ def _triton_backward(g, x2, weight, lora_a, lora_b, xa, scaling, p, seed, need_x
     prec = _prec(x2.dtype)
     gxa = torch.zeros(T, R, device=g.device, dtype=torch.float32)
     gxa[:, :r] = torch.mm(g, lora_b).float().mul_(scaling)  # (T, r)
-    dx = da = None
-    if need_x:
-        dx = torch.empty_like(x2)
-        c = _DX_CONFIG
-        grid = (triton.cdiv(T, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
-        _dx_kernel[grid](
-            g, weight, gxa, _padded(lora_a, 0, R), dx, T, N, K, seed, p,
-            R=R, HAS_DROPOUT=p > 0, PREC=prec, **c,
-        )  # fmt: skip
-    if need_a:
-        dat = torch.empty(K, R, device=g.device, dtype=torch.float32)
-        c = _DA_CONFIG
-        _da_kernel[(triton.cdiv(K, c["BLOCK_K"]),)](
-            x2, gxa, dat, T, K, seed, p, R=R, HAS_DROPOUT=p > 0, PREC=prec, **c
-        )
-        da = dat[:, :r].t().to(lora_a.dtype)
+    a = _padded(lora_a, 0, R)
+    dx = torch.empty_like(x2) if need_x else None
+    dat = torch.zeros(K, R, device=g.device, dtype=torch.float32) if need_a else None
+    cx, ca = _config("dx", x2.dtype, p > 0), _config("da", x2.dtype, p > 0)
+    for c, i, j in _row_chunks(T, max(K, N)):
+        t = j - i
+        if need_x:
+            grid = (triton.cdiv(t, cx["BLOCK_M"]), triton.cdiv(K, cx["BLOCK_K"]))
+            _dx_kernel[grid](
+                g[i:j], weight, gxa[i:j], a, dx[i:j], t, N, K, seed + c, p,
+                R=R, HAS_DROPOUT=p > 0, PREC=prec, **cx,
+            )  # fmt: skip
+        if need_a:
+            part = torch.empty(K, R, device=g.device, dtype=torch.float32)
+            _da_kernel[(triton.cdiv(K, ca["BLOCK_K"]),)](
+                x2[i:j], gxa[i:j], part, t, K, seed + c, p, R=R, HAS_DROPOUT=p > 0, PREC=prec, **ca
+            )
+            dat += part
+    da = dat[:, :r].t().to(lora_a.dtype) if need_a else None
     return dx, da
 
 
@@ -427,40 +459,40 @@ def aot_specs() -> list:
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
         ptr = "*" + dtype
-        prec = "ieee" if dtype == "fp32" else "tf32"
+        fp32 = dtype == "fp32"
+        prec = "ieee" if fp32 else "tf32"
+        scalars = dict(seed="i32", p="fp32")
+        kernels = [
+            ("xa", _xa_kernel, dict(X=ptr, A=ptr, XA="*fp32", T="i32", K="i32", **scalars)),
+            (
+                "dx",
+                _dx_kernel,
+                dict(G=ptr, W=ptr, GXA="*fp32", A=ptr, DX=ptr, T="i32", N="i32", K="i32", **scalars),
+            ),
+            ("da", _da_kernel, dict(X=ptr, GXA="*fp32", DAT="*fp32", T="i32", K="i32", **scalars)),
+        ]
+        fwd_sig = dict(
+            X=ptr, W=ptr, XA="*fp32", Bm=ptr, BIAS=ptr, Y=ptr, T="i32", N="i32", K="i32", scaling="fp32"
+        )
         for R in (16, 64):
-            for drop in (False, True):
-                kernels = [
-                    ("lora_xa", _xa_kernel, _XA_CONFIG, dict(X=ptr, A=ptr, XA="*fp32", T="i32", K="i32",
-                                                           seed="i32", p="fp32"), dict(HAS_DROPOUT=drop)),
-                    ("lora_dx", _dx_kernel, _DX_CONFIG, dict(G=ptr, W=ptr, GXA="*fp32", A=ptr, DX=ptr, T="i32",
-                                                           N="i32", K="i32", seed="i32", p="fp32"),
-                     dict(HAS_DROPOUT=drop)),
-                    ("lora_da", _da_kernel, _DA_CONFIG, dict(X=ptr, GXA="*fp32", DAT="*fp32", T="i32", K="i32",
-                                                           seed="i32", p="fp32"), dict(HAS_DROPOUT=drop)),
-                ]  # fmt: skip
-                if not drop:  # the forward kernel has no dropout (xa already carries it); bias instead
-                    for has_bias in (False, True):
-                        kernels.append(
-                            ("lora_fwd", _fwd_kernel, _FWD_CONFIG,
-                             dict(X=ptr, W=ptr, XA="*fp32", Bm=ptr, BIAS=ptr, Y=ptr, T="i32", N="i32", K="i32",
-                                  scaling="fp32"), dict(HAS_BIAS=has_bias))
-                        )  # fmt: skip
-                for name, fn, config, signature, flags in kernels:
-                    blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
-                    constexprs = dict(R=R, **flags, PREC=prec, **blocks)
-                    signature = dict(signature, **{k: "constexpr" for k in constexprs})
-                    tile = " ".join(f"{k[6:]}={v}" for k, v in blocks.items())
-                    flag = " ".join(f"{k.lower()}={int(v)}" for k, v in flags.items())
-                    specs.append(
-                        AotSpec(
-                            kernel=name,
-                            fn=fn,
-                            signature=signature,
-                            constexprs=constexprs,
-                            num_warps=config["num_warps"],
-                            num_stages=config["num_stages"],
-                            config=f"{dtype} R={R} {flag} {tile} w{config['num_warps']} s{config['num_stages']}",
-                        )
+            cases = [(k, fn, sig, dict(HAS_DROPOUT=d)) for k, fn, sig in kernels for d in (False, True)]
+            cases += [("fwd", _fwd_kernel, fwd_sig, dict(HAS_BIAS=b)) for b in (False, True)]
+            for kind, fn, signature, flags in cases:
+                config = _CONFIGS[(kind, fp32, flags.get("HAS_DROPOUT", False))]
+                blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
+                constexprs = dict(R=R, **flags, PREC=prec, **blocks)
+                signature = dict(signature, **{k: "constexpr" for k in constexprs})
+                tile = " ".join(f"{k[6:]}={v}" for k, v in blocks.items())
+                flag = " ".join(f"{k.lower()}={int(v)}" for k, v in flags.items())
+                specs.append(
+                    AotSpec(
+                        kernel=f"lora_{kind}",
+                        fn=fn,
+                        signature=signature,
+                        constexprs=constexprs,
+                        num_warps=config["num_warps"],
+                        num_stages=config["num_stages"],
+                        config=f"{dtype} R={R} {flag} {tile} w{config['num_warps']} s{config['num_stages']}",
                     )
+                )
     return specs

@@ -185,3 +185,32 @@ def test_errors(change, match):
 def test_aot_specs_listed():
     specs = aot_specs()
     assert {s.kernel for s in specs} == {"lora_xa", "lora_fwd", "lora_dx", "lora_da"}
+
+
+def test_triton_row_chunks(monkeypatch):
+    """Inputs too large for int32 offsets run in row chunks: same result (chunks forced small here)."""
+    import ragkern.kernels.lora as mod
+
+    def small_chunks(T, width):
+        for c, i in enumerate(range(0, T, 16)):
+            yield c, i, min(i + 16, T)
+
+    torch.manual_seed(0)
+    layer = _peft_layer(19, 23, 4, bias=True)
+    monkeypatch.setattr(mod, "_row_chunks", small_chunks)
+    _compare(layer, torch.randn(37, 19), "triton")
+
+
+@pytest.mark.slow
+def test_aot_compiles():
+    """Every launched configuration compiles for sm_80 and sm_90 with no spills; fp16/bf16 use HGMMA on sm_90."""
+    pytest.importorskip("triton")
+    from ragkern.kernels._aot import compile_modules
+
+    records = compile_modules(["ragkern.kernels.lora"], archs=(80, 90))
+    assert len(records) == 2 * len(aot_specs()) == 96
+    spilled = [(r["kernel"], r["config"], r["arch"]) for r in records if r["stack_bytes"]]
+    assert not spilled
+    # IEEE fp32 has no wgmma form: only the fp16/bf16 configs can (and must) use HGMMA
+    no_hgmma = [(r["kernel"], r["config"]) for r in records if r["arch"] == "sm_90" and not r["hgmma"]]
+    assert no_hgmma and all(c.startswith("fp32") for _, c in no_hgmma)
