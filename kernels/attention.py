@@ -692,8 +692,9 @@ _AOT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 def aot_specs() -> list[AotSpec]:
     """The GPU path's kernels: every head_dim in bf16, fp16 and fp32 at 64 and 128 (causal), and the non-causal and
-    block-mask variants at 128 bf16. Tiles depend on head_dim and dtype size only, so this covers every tile
-    configuration; the other (dtype, mask) combinations reuse one of them (compiling all would take minutes)."""
+    block-mask variants at 128 bf16. Tiles depend on BLOCK_D and dtype size only, so this covers every tile
+    configuration but fp32 at head_dim > 128; the other (dtype, mask) combinations reuse listed tiles (compiling
+    all of them would take many minutes)."""
     if triton is None:
         return []
     specs = []
