@@ -93,6 +93,11 @@ def main():
     state = trainer.accelerator.get_state_dict(trainer.model)
     if rank == 0:
         torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(a.out, "params.pt"))
+    # Tear the process group down before exit: a gloo group left to the interpreter's shutdown can abort
+    # the process ("terminate called without an active exception") after all the work is done.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
