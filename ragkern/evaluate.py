@@ -1,35 +1,80 @@
-"""Answer accuracy of a causal LM on RAFT records: batched greedy decoding and exact match.
+"""Answer quality of a causal LM on RAFT records: batched greedy decoding, exact match, token F1, citations.
 
 Generation continues from :func:`ragkern.data.render_prompt` (the rendered record up to the answer slot) and
 stops at the first special token (end-of-turn or EOS) or after ``max_new_tokens``. Prompts are batched by
 token length, so a batch needs no padding and the result is exact for every attention implementation.
 
-Exact match compares SQuAD-normalised strings (lower case, punctuation and articles removed, whitespace
-collapsed)::
+Scoring, per record:
+
+* the answer is the text after the last ``Answer:`` of the generation (a model trained on ``reasoning``
+  targets writes ``<reasoning>\\n\\nAnswer: <answer>``, see :func:`ragkern.data.encode.raft_target`), else the
+  whole generation;
+* exact match and token F1 compare SQuAD-normalised answers (lower case, punctuation and articles removed,
+  whitespace tokens) with citation markers ``[k]`` removed first: citing is scored apart;
+* ``cites_oracle``: the generation (reasoning included) quotes the marker of an oracle passage (``[k]`` with
+  ``k - 1`` in ``oracle``; passages are numbered from 1 in the prompt);
+* the split: ``oracle_present`` (``oracle`` non-empty, or ``source`` tagged ``.../oracle`` by
+  ``RaftBuilder(split_source=True)``), ``distractors_only`` (``"oracle": []`` or ``.../no_oracle``), else
+  ``unlabelled``.
+
+::
 
     evaluate_answers(model, tokenizer, records, batch_size=64, max_new_tokens=8)
-    -> {"exact_match": 0.91, "count": 300, "predictions": [{"index": 0, "prediction": "kel",
-        "answer": "kel", "exact_match": True, "oracle": [2]}, ...]}
+    -> {"exact_match": 0.61, "f1": 0.70, "count": 300, "cite_oracle": 0.82,
+        "splits": {"oracle_present": {"count": 240, "exact_match": 0.7, "f1": 0.79, "cite_oracle": 0.82},
+                   "distractors_only": {"count": 60, "exact_match": 0.25, "f1": 0.33, "cite_oracle": None}},
+        "predictions": [{"index": 0, "prediction": "kel", "generated": "kel [2]", "answer": "kel",
+                         "exact_match": True, "f1": 1.0, "oracle": [1], "split": "oracle_present",
+                         "cites_oracle": True}, ...]}
 """
 
 from __future__ import annotations
 
 import re
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import render_prompt
+from .data.encode import raft_target
+
+ORACLE_PRESENT, DISTRACTORS_ONLY, UNLABELLED = "oracle_present", "distractors_only", "unlabelled"
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
+# Citation markers as the encoder numbers passages ("[2]"); a word-level decode spaces them ("[ 2 ]").
+_MARKER = re.compile(r"\[\s*(\d+)\s*\]")
+
+
+def _answer_pattern() -> re.Pattern:
+    """What separates reasoning from answer in a reasoning target ("Answer:", taken from ``raft_target``),
+    matched in any case and with any spacing between its word and its colon (a word-level decode gives
+    "answer :")."""
+    separator = raft_target({"reasoning": "r", "answer": "a"})[1:-1].strip()
+    return re.compile(r"\s*".join(map(re.escape, re.findall(r"\w+|[^\w\s]", separator))), re.IGNORECASE)
+
+
+_ANSWER = _answer_pattern()
+
+
+def parse_answer(generated: str) -> str:
+    """The answer in a generation: the text after the last "Answer:", else all of it (stripped)."""
+    ends = [m.end() for m in _ANSWER.finditer(generated)]
+    return generated[ends[-1] if ends else 0 :].strip()
+
+
+def cited_markers(text: str) -> set[int]:
+    """The passage markers ``[k]`` (1-based) quoted in ``text``."""
+    return {int(k) for k in _MARKER.findall(text)}
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
-    return " ".join(text.split())
+    """SQuAD normalisation with citation markers removed: lower case, no ``[k]`` markers, no punctuation, no
+    articles, single spaces."""
+    text = _MARKER.sub(" ", text).lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def exact_match(prediction: str, answer: str) -> bool:
@@ -37,14 +82,44 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
+def f1_score(prediction: str, answer: str) -> float:
+    """SQuAD token F1 between normalised whitespace tokens (1.0 when both are empty, 0.0 when one is)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def oracle_split(record: dict) -> str:
+    """``"oracle_present"``, ``"distractors_only"`` or ``"unlabelled"`` (see the module docstring)."""
+    oracle, source = record.get("oracle"), record.get("source")
+    tag = source.rsplit("/", 1)[-1] if isinstance(source, str) and "/" in source else None
+    if oracle == [] or (oracle is None and tag == "no_oracle"):
+        return DISTRACTORS_ONLY
+    if oracle or tag == "oracle":
+        return ORACLE_PRESENT
+    return UNLABELLED
+
+
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, records: list[dict], *, batch_size: int = 64, max_new_tokens: int = 16
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+    show_progress: bool = False,
 ) -> list[str]:
     """Greedy answers, one decoded string per record (special tokens dropped), in the order of ``records``.
 
     Each step runs the whole prefix (no KV cache): answers are short, and this keeps the path the same as
-    training. Input per batch: ``input_ids`` (B, T) of B prompts with T tokens each.
+    training. Input per batch: ``input_ids`` (B, T) of B prompts with T tokens each. ``show_progress`` shows
+    a progress bar over batches.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1")
@@ -57,51 +132,113 @@ def generate_answers(
     was_training = model.training
     model.eval()
     answers: list[str] = [""] * len(records)
+    batches = [g[s : s + batch_size] for g in by_length.values() for s in range(0, len(g), batch_size)]
     try:
-        for group in by_length.values():
-            for start in range(0, len(group), batch_size):
-                chunk = group[start : start + batch_size]
-                ids = torch.tensor([p for _, p in chunk], device=device)  # (B, T)
-                new = torch.empty(len(chunk), 0, dtype=torch.long, device=device)  # (B, generated)
-                done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-                for _ in range(max_new_tokens):
-                    logits = model(input_ids=torch.cat([ids, new], dim=1)).logits[:, -1]  # (B, V)
-                    nxt = logits.argmax(-1)
-                    new = torch.cat([new, nxt[:, None]], dim=1)
-                    done |= torch.tensor([int(t) in stop for t in nxt], device=device)
-                    if bool(done.all()):
-                        break
-                for (i, _), row in zip(chunk, new.tolist()):
-                    cut = next((k for k, t in enumerate(row) if t in stop), len(row))
-                    answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+        for chunk in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
+            ids = torch.tensor([p for _, p in chunk], device=device)  # (B, T)
+            new = torch.empty(len(chunk), 0, dtype=torch.long, device=device)  # (B, generated)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=torch.cat([ids, new], dim=1)).logits[:, -1]  # (B, V)
+                nxt = logits.argmax(-1)
+                new = torch.cat([new, nxt[:, None]], dim=1)
+                done |= torch.tensor([int(t) in stop for t in nxt], device=device)
+                if bool(done.all()):
+                    break
+            for (i, _), row in zip(chunk, new.tolist()):
+                cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+                answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
     finally:
         model.train(was_training)
     return answers
 
 
-def evaluate_answers(
-    model, tokenizer, records: list[dict], *, batch_size: int = 64, max_new_tokens: int = 16
-) -> dict:
-    """Exact-match accuracy of greedy answers on RAFT records.
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
 
-    Returns ``{"exact_match": float in [0, 1], "count": int, "predictions": list[dict]}``; each prediction
-    holds the record's ``index``, the ``prediction``, the reference ``answer``, ``exact_match`` and the
-    record's ``oracle`` indices (or None), so callers can split results by record properties.
+
+def _summary(predictions: list[dict]) -> dict:
+    cites = [p["cites_oracle"] for p in predictions if p["cites_oracle"] is not None]
+    return {
+        "count": len(predictions),
+        "exact_match": _mean([float(p["exact_match"]) for p in predictions]),
+        "f1": _mean([p["f1"] for p in predictions]),
+        "cite_oracle": _mean([float(c) for c in cites]),
+    }
+
+
+def score_predictions(records: list[dict], generated: list[str]) -> dict:
+    """Score generations against RAFT records (no model needed); the result of :func:`evaluate_answers`.
+
+    Returns ``{"exact_match", "f1", "count", "cite_oracle", "splits": {split: {"count", "exact_match", "f1",
+    "cite_oracle"}}, "predictions": [...]}``. Means are None over no records; ``cite_oracle`` is the fraction of
+    records with known oracle indices whose generation cites one of them. ``splits`` always holds
+    ``oracle_present`` and ``distractors_only``, and ``unlabelled`` when some records carry neither.
     """
+    if len(records) != len(generated):
+        raise ValueError(f"{len(records)} records but {len(generated)} generations")
+    predictions = []
+    for i, (record, text) in enumerate(zip(records, generated)):
+        answer, oracle = parse_answer(text), record.get("oracle")
+        predictions.append(
+            {
+                "index": i,
+                "prediction": answer,
+                "generated": text,
+                "answer": record["answer"],
+                "exact_match": exact_match(answer, record["answer"]),
+                "f1": f1_score(answer, record["answer"]),
+                "oracle": oracle,
+                "split": oracle_split(record),
+                "cites_oracle": bool(cited_markers(text) & {k + 1 for k in oracle}) if oracle else None,
+            }
+        )
+    splits = [ORACLE_PRESENT, DISTRACTORS_ONLY]
+    if any(p["split"] == UNLABELLED for p in predictions):
+        splits.append(UNLABELLED)
+    return {
+        **_summary(predictions),
+        "splits": {s: _summary([p for p in predictions if p["split"] == s]) for s in splits},
+        "predictions": predictions,
+    }
+
+
+def evaluate_answers(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+    show_progress: bool = False,
+) -> dict:
+    """Greedy answers on RAFT records, scored by :func:`score_predictions` (exact match, token F1, citation of
+    the oracle, each overall and per oracle split); every prediction holds the record's ``index``, the
+    parsed ``prediction``, the raw ``generated`` text, the reference ``answer``, its scores, ``oracle`` and
+    ``split``."""
     if not records:
         raise ValueError("evaluate_answers needs at least one record")
-    answers = generate_answers(
-        model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens
+    generated = generate_answers(
+        model,
+        tokenizer,
+        records,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        show_progress=show_progress,
     )
-    predictions = [
-        {
-            "index": i,
-            "prediction": pred,
-            "answer": r["answer"],
-            "exact_match": exact_match(pred, r["answer"]),
-            "oracle": r.get("oracle"),
-        }
-        for i, (r, pred) in enumerate(zip(records, answers))
-    ]
-    correct = sum(p["exact_match"] for p in predictions)
-    return {"exact_match": correct / len(records), "count": len(records), "predictions": predictions}
+    return score_predictions(records, generated)
+
+
+def format_metrics(metrics: dict) -> str:
+    """A text table of :func:`evaluate_answers`' metrics: one row overall and one per split."""
+
+    def cell(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = [("all", metrics)] + [(name.replace("_", " "), m) for name, m in metrics["splits"].items()]
+    lines = [f"{'split':<18}{'count':>7}{'EM':>8}{'F1':>8}{'cites oracle':>14}"]
+    for name, m in rows:
+        lines.append(
+            f"{name:<18}{m['count']:>7}{cell(m['exact_match']):>8}{cell(m['f1']):>8}{cell(m['cite_oracle']):>14}"
+        )
+    return "\n".join(lines)

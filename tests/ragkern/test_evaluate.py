@@ -1,10 +1,24 @@
-"""Greedy decoding and exact match on known cases, with a scripted model."""
+"""Greedy decoding, exact match, token F1, answer parsing, oracle splits and citations on known cases."""
 
 import pytest
 import torch
 
-from ragkern.data import build_word_tokenizer, render_prompt
-from ragkern.evaluate import evaluate_answers, exact_match, generate_answers, normalize_answer
+from ragkern.data import RaftBuilder, build_word_tokenizer, render_prompt
+from ragkern.data.encode import raft_target
+from ragkern.evaluate import (
+    DISTRACTORS_ONLY,
+    ORACLE_PRESENT,
+    UNLABELLED,
+    evaluate_answers,
+    exact_match,
+    f1_score,
+    format_metrics,
+    generate_answers,
+    normalize_answer,
+    oracle_split,
+    parse_answer,
+    score_predictions,
+)
 
 WORDS = "kel mipel dovak zurin talop vasur what is the code of passages question".split()
 
@@ -91,3 +105,123 @@ def test_generate_answers_stops_at_max_new_tokens():
         generate_answers(model, tok, [record], batch_size=0)
     with pytest.raises(ValueError, match="at least one record"):
         evaluate_answers(model, tok, [])
+
+
+@pytest.mark.parametrize(
+    "pred, answer, f1",
+    [
+        ("kel", "kel", 1.0),
+        ("the kel mipel", "kel", 2 * (1 / 2) * 1 / (1 / 2 + 1)),  # precision 1/2, recall 1
+        ("dovak kel", "kel mipel talop", 2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3)),
+        ("kel kel", "kel", 2 * (1 / 2) * 1 / (1 / 2 + 1)),  # a repeated token counts once per occurrence
+        ("zurin", "kel", 0.0),
+        ("", "kel", 0.0),
+        ("the", "a", 1.0),  # both empty after normalisation
+        ("Kel [2].", "kel", 1.0),  # citation markers are not part of the answer
+    ],
+)
+def test_f1_score(pred, answer, f1):
+    assert f1_score(pred, answer) == pytest.approx(f1)
+
+
+@pytest.mark.parametrize(
+    "generated, answer",
+    [
+        ("kel", "kel"),
+        ("dovak holds it [2].\n\nAnswer: kel [2]", "kel [2]"),
+        ("because [ 2 ] . answer : kel", "kel"),  # a word-level decode spaces words and punctuation
+        ("Answer: mipel\n\nANSWER:  kel ", "kel"),  # the last one wins
+        ("answer kel", "answer kel"),  # no colon: not a separator
+    ],
+)
+def test_parse_answer(generated, answer):
+    assert parse_answer(generated) == answer
+
+
+def test_parse_answer_reads_what_the_encoder_renders():
+    target = raft_target({"reasoning": "dovak holds kel [1]", "answer": "kel"})
+    assert parse_answer(target) == "kel"
+    tok = build_word_tokenizer(WORDS + ["answer", "holds"])
+    decoded = tok.decode(tok(target, add_special_tokens=False)["input_ids"])
+    assert parse_answer(decoded) == "kel"
+
+
+def test_oracle_split_of_built_records():
+    corpus = [f"passage {i}" for i in range(20)]
+    qa = [
+        {"question": f"q{i}", "answer": "kel {cite}", "oracle_passages": [f"oracle {i}"]} for i in range(40)
+    ]
+    built = RaftBuilder(corpus, num_distractors=2, p_oracle=0.5, seed=1, split_source=True).build_all(qa)
+    kinds = [oracle_split(r) for r in built]
+    assert kinds == [ORACLE_PRESENT if r["oracle"] else DISTRACTORS_ONLY for r in built]
+    assert 0 < kinds.count(DISTRACTORS_ONLY) < len(built)
+    # the source tag alone decides when the oracle indices are gone
+    assert [oracle_split({**r, "oracle": None}) for r in built] == kinds
+    assert oracle_split({"question": "q", "passages": ["p"], "answer": "a"}) == UNLABELLED
+
+
+def test_score_predictions_splits_and_citations():
+    p = ["dovak kel", "zurin mipel", "talop vasur"]
+    records = [
+        {"question": "q", "passages": p, "answer": "kel", "oracle": [0]},
+        {"question": "q", "passages": p, "answer": "mipel", "oracle": [1]},
+        {"question": "q", "passages": p, "answer": "vasur talop", "oracle": [1, 2]},
+        {"question": "q", "passages": p, "answer": "kel", "oracle": []},
+        {"question": "q", "passages": p, "answer": "kel mipel", "source": "raft/no_oracle"},
+        {"question": "q", "passages": p, "answer": "kel"},
+    ]
+    generated = [
+        "dovak kel [1]\n\nAnswer: kel [1]",  # right, cites the oracle
+        "mipel [1]",  # right, cites a distractor
+        "vasur [3]",  # half right (F1 2/3), cites the second oracle
+        "kel [2]",  # right
+        "kel",  # F1 2/3
+        "mipel",  # wrong
+    ]
+    out = score_predictions(records, generated)
+    assert out["count"] == 6
+    assert out["exact_match"] == pytest.approx(3 / 6)
+    assert out["f1"] == pytest.approx((1 + 1 + 2 / 3 + 1 + 2 / 3 + 0) / 6)
+    assert out["cite_oracle"] == pytest.approx(2 / 3)  # over the three records with oracle indices
+    present, absent = out["splits"][ORACLE_PRESENT], out["splits"][DISTRACTORS_ONLY]
+    assert present == pytest.approx(
+        {"count": 3, "exact_match": 2 / 3, "f1": (2 + 2 / 3) / 3, "cite_oracle": 2 / 3}
+    )
+    assert absent["count"] == 2 and absent["exact_match"] == 0.5 and absent["cite_oracle"] is None
+    assert absent["f1"] == pytest.approx((1 + 2 / 3) / 2)
+    assert out["splits"][UNLABELLED] == {"count": 1, "exact_match": 0.0, "f1": 0.0, "cite_oracle": None}
+    first = out["predictions"][0]
+    assert first["prediction"] == "kel [1]" and first["generated"] == generated[0] and first["cites_oracle"]
+    assert [q["cites_oracle"] for q in out["predictions"]] == [True, False, True, None, None, None]
+    table = format_metrics(out)
+    assert table.splitlines()[1].split() == ["all", "6", "0.500", "0.722", "0.667"]
+    assert table.splitlines()[3].split() == ["distractors", "only", "2", "0.500", "0.833", "-"]
+    with pytest.raises(ValueError, match="6 records but 5"):
+        score_predictions(records, generated[:5])
+
+
+def test_score_predictions_without_unlabelled_records_has_two_splits():
+    out = score_predictions([{"question": "q", "passages": ["p"], "answer": "a", "oracle": [0]}], ["a"])
+    assert list(out["splits"]) == [ORACLE_PRESENT, DISTRACTORS_ONLY]
+    assert out["splits"][DISTRACTORS_ONLY] == {
+        "count": 0,
+        "exact_match": None,
+        "f1": None,
+        "cite_oracle": None,
+    }
+
+
+def test_evaluate_answers_reasoning_and_citation_scripted():
+    tok = build_word_tokenizer(WORDS + ["answer", "holds"])
+    passages = ["dovak kel", "zurin mipel"]
+    records = [
+        {"question": "dovak ?", "passages": passages, "answer": "kel", "oracle": [0], "reasoning": "x"},
+        {"question": "zurin ?", "passages": passages, "answer": "mipel", "oracle": [], "reasoning": "x"},
+    ]
+    replies = ["dovak holds kel [1] answer: kel", "zurin holds kel [2] answer: kel"]
+    out = evaluate_answers(scripted(tok, records, replies), tok, records, max_new_tokens=12)
+    assert [p["prediction"] for p in out["predictions"]] == ["kel", "kel"]
+    assert [p["exact_match"] for p in out["predictions"]] == [True, False]
+    assert out["cite_oracle"] == 1.0
+    assert out["splits"][ORACLE_PRESENT]["exact_match"] == 1.0
+    assert out["splits"][DISTRACTORS_ONLY]["exact_match"] == 0.0
