@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -22,6 +23,90 @@ def _selftest(args: argparse.Namespace) -> int:
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}")
     return 0 if all(r.passed for r in results) else 1
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_records
+    from .evaluate import evaluate_answers, format_metrics
+
+    records = load_records(args.data, kinds=("raft",))
+    if not records:
+        print(f"ragkern eval: {args.data} holds no RAFT records", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device)
+    metrics = evaluate_answers(
+        model,
+        tokenizer,
+        records,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        show_progress=True,
+    )
+    print(format_metrics(metrics))
+    if args.output:
+        with open(args.output, "w") as f:
+            run = {"model": args.model, "data": args.data, "max_new_tokens": args.max_new_tokens}
+            json.dump({**run, **metrics}, f, indent=2)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _format_pack_stats(stats: dict, max_length: int, width: int = 40) -> str:
+    """The text report of :func:`ragkern.data.pack_stats`: histogram, fill ratios, length policy counts."""
+    counts, edges = stats["histogram"]["counts"], stats["histogram"]["edges"]
+    top = max(counts) or 1
+    n = stats["length"]
+    lines = [
+        f"{stats['examples']:,} examples, {stats['tokens']:,} tokens; length min {n['min']}, mean {n['mean']}, "
+        f"p50 {n['p50']}, p90 {n['p90']}, p99 {n['p99']}, max {n['max']}",
+        "",
+        "tokens per example",
+    ]
+    for j, (lo, hi, c) in enumerate(zip(edges, edges[1:], counts)):
+        # numpy's bins are [lo, hi), the last one [lo, hi]: as whole token counts, first..last
+        first, last = math.ceil(lo), math.floor(hi) if j == len(counts) - 1 else math.ceil(hi) - 1
+        lines.append(f"{first:>8} - {last:<8}|{'#' * round(width * c / top):<{width}} {c}")
+    pack, pad, policy = stats["packing"], stats["padding"], stats["policy"]
+    lines += [
+        "",
+        "fill ratio (real tokens / tokens computed on):",
+        f"  ragkern packing           {pack['fill_ratio']:.4f} ({pack['bins']:,} rows of {max_length})",
+        f"  padding to the longest    {pad['fill_ratio']:.4f} (batches of {pad['batch_size']})",
+        f"  packing / padding         {stats['packing_vs_padding']}x",
+        "",
+        f"length policy ({policy['records']:,} records):",
+        f"  RAFT trimmed to fit       {policy['trimmed']:,} ({policy['dropped_distractors']:,} distractor "
+        f"passages dropped, {policy['truncated_passages']:,} with truncated passages)",
+        f"  dropped, too long         {policy['dropped_too_long']:,}",
+        f"  DAP chunks (split docs)   {policy['dap_chunks']:,}",
+        f"  invalid, skipped          {policy['skipped_invalid']:,}",
+    ]
+    return "\n".join(lines)
+
+
+def _pack_stats(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from .data import pack_stats
+
+    if args.png and importlib.util.find_spec("matplotlib") is None:
+        print(
+            "ragkern pack-stats: --png needs matplotlib, which is not installed: pip install matplotlib "
+            "(or pip install 'ragkern[bench]')",
+            file=sys.stderr,
+        )
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    stats = pack_stats(args.data, tokenizer, args.max_length, batch_size=args.batch_size, png=args.png)
+    print(_format_pack_stats(stats, args.max_length))
+    if args.png:
+        print(f"wrote {args.png}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +145,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", required=True, help="path to config.json (or its folder), or a model type"
     )
     selftest.set_defaults(func=_selftest)
+
+    ev = sub.add_parser(
+        "eval",
+        help="greedy answers on RAFT records: exact match, token F1, oracle citation, split by oracle present",
+        description=(
+            "Loads a model and its tokenizer with from_pretrained, decodes greedy answers (batched) for the RAFT "
+            "records of a JSONL/JSON/Parquet file, and prints exact match, token F1 and the fraction of answers "
+            "citing the oracle passage's marker, overall and split by 'oracle present' / 'distractors only'. "
+            "With reasoning targets the answer is the text after the last 'Answer:'."
+        ),
+    )
+    ev.add_argument("--model", required=True, help="model directory (or name) for from_pretrained")
+    ev.add_argument("--data", required=True, help="RAFT records (.jsonl, .json or .parquet)")
+    ev.add_argument("--tokenizer", default=None, help="tokenizer path (default: --model)")
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    ev.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, ...)")
+    ev.add_argument("--output", default=None, help="write the metrics and every prediction to this JSON file")
+    ev.set_defaults(func=_eval)
+
+    ps = sub.add_parser(
+        "pack-stats",
+        help="length histogram, packing vs padding fill, and length-policy counts of a dataset",
+        description=(
+            "Tokenizes a dataset (any record kind) with the length policy of max_length and prints the length "
+            "histogram, the fill ratio of ragkern's packing vs padding each batch to its longest example, and "
+            "how many examples the length policy trimmed, split or dropped."
+        ),
+    )
+    ps.add_argument("data", help="records (.jsonl, .json or .parquet)")
+    ps.add_argument("--tokenizer", required=True, help="tokenizer path for AutoTokenizer.from_pretrained")
+    ps.add_argument("--max-length", type=int, required=True, help="packed row length (tokens)")
+    ps.add_argument("--batch-size", type=int, default=8, help="batch size of the padding baseline")
+    ps.add_argument("--png", default=None, help="also write the histogram as a PNG (needs matplotlib)")
+    ps.set_defaults(func=_pack_stats)
     return parser
 
 
