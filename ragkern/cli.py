@@ -109,6 +109,19 @@ def _pack_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(argv: list[str]) -> int:
+    from .data import RecordError
+    from .run import ConfigError, parse_train_args, run_train
+
+    try:
+        run = run_train(*parse_train_args(argv))
+    except (ConfigError, RecordError) as e:  # bad options or records: the message names them
+        print(f"ragkern train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(run.metrics, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragkern",
@@ -180,10 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--batch-size", type=int, default=8, help="batch size of the padding baseline")
     ps.add_argument("--png", default=None, help="also write the histogram as a PNG (needs matplotlib)")
     ps.set_defaults(func=_pack_stats)
+
+    sub.add_parser(
+        "train",
+        add_help=False,  # `ragkern train --help` lists every option (HfArgumentParser's help)
+        help="fine-tune with RagTrainer from a YAML/JSON config (--config run.yaml) and/or flags",
+        description=(
+            "ragkern train --config run.yaml [--option value ...]: model (checkpoint or small random model from a "
+            "config), tokenizer, LoRA, data sources (raft / qa + corpus / instruct / dap) with weights, RAFT knobs "
+            "and every RagTrainingArguments field; flags override the file. See `ragkern train --help`."
+        ),
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its options are HfArgumentParser's (every TrainingArguments field)
+        return _train(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -9,8 +9,11 @@ Also the one place where packed-sequence boundaries change form::
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -168,3 +171,251 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return math.ceil(len(self.bins) // self.num_replicas / self.bins_per_batch)
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamPackStats:
+    """What :func:`pack_stream` has emitted so far (updated bin by bin)."""
+
+    max_length: int
+    examples: int = 0
+    tokens: int = 0
+    bins: int = 0
+    max_buffered: int = 0  # the most examples held at once (<= buffer_size)
+    split_for_ranks: int = 0  # bins split at the end of the stream so their count divides by the ranks
+    dropped_for_ranks: int = 0  # examples dropped at the end when no bin was left to split (tiny streams)
+
+    @property
+    def fill_ratio(self) -> float:
+        """Real tokens / (bins x max_length) of the bins emitted so far."""
+        return self.tokens / (self.bins * self.max_length) if self.bins else 0.0
+
+
+def _fullest_first(buffer: list[dict], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing bins of the buffer (indices into it), the fullest first."""
+    lengths = [len(e["input_ids"]) for e in buffer]
+    bins = pack_lengths(lengths, max_length)
+    return sorted(bins, key=lambda b: -sum(lengths[i] for i in b))
+
+
+def pack_stream(
+    examples: Iterable[dict],
+    max_length: int,
+    *,
+    buffer_size: int = 1024,
+    multiple_of: int = 1,
+    stats: StreamPackStats | None = None,
+) -> Iterator[list[dict]]:
+    """Pack a stream of examples into bins of at most ``max_length`` tokens, holding at most ``buffer_size``.
+
+    ::
+
+        stream --> buffer (<= buffer_size examples) --full--> best-fit decreasing over the buffer
+                                                              (pack_lengths): emit the fullest bins until at
+                                                              most buffer_size // 2 examples are left in it
+        end of stream --> pack what is left, emit every bin (fullest first)
+
+    The examples left in the buffer are those of the least-filled bins: they are packed again with the
+    examples that arrive next, so fill approaches that of packing everything at once as the buffer grows.
+    Every example is emitted exactly once; bins hold the examples themselves (a list of dicts each), in
+    arrival order within a bin.
+
+    Args:
+        examples: encoded examples (dicts with ``input_ids``, each of 1 to ``max_length`` tokens), e.g. a
+            :class:`ragkern.data.EncodedStream`; read once, lazily.
+        max_length: tokens per bin.
+        buffer_size: the most examples held at once (>= 1).
+        multiple_of: at the end of the stream, split bins (the most examples first) until the number of bins
+            emitted is a multiple of this (the number of ranks sharing the stream). If no bin is left to split,
+            the last bins are dropped and counted in ``stats.dropped_for_ranks`` (a warning says so).
+        stats: updated as bins are emitted: count, tokens, ``fill_ratio``, the largest buffer held.
+
+    Raises:
+        ValueError: an example with no tokens or more than ``max_length`` (encode the stream with the length
+            policy first, e.g. :func:`ragkern.data.iter_encode_records`).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if buffer_size < 1:
+        raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    stats = StreamPackStats(max_length) if stats is None else stats
+    return _pack_stream(examples, max_length, buffer_size, multiple_of, stats)
+
+
+def _pack_stream(examples, max_length, buffer_size, multiple_of, stats) -> Iterator[list[dict]]:
+    def emit(buffer: list[dict], b: list[int]) -> list[dict]:
+        out = [buffer[i] for i in sorted(b)]
+        stats.bins += 1
+        stats.examples += len(out)
+        stats.tokens += sum(len(e["input_ids"]) for e in out)
+        return out
+
+    buffer: list[dict] = []
+    for n, example in enumerate(examples):
+        length = len(example["input_ids"])
+        if not 1 <= length <= max_length:
+            raise ValueError(
+                f"stream example {n} has {length} tokens; packing needs 1 to max_length={max_length}: encode "
+                "the records with the length policy first (ragkern.data.iter_encode_records)"
+            )
+        buffer.append(example)
+        stats.max_buffered = max(stats.max_buffered, len(buffer))
+        if len(buffer) < buffer_size:
+            continue
+        held, out, keep = len(buffer), [], []
+        for b in _fullest_first(buffer, max_length):
+            if held > buffer_size // 2:
+                out.append(emit(buffer, b))
+                held -= len(b)
+            else:
+                keep.extend(b)
+        buffer = [buffer[i] for i in sorted(keep)]
+        yield from out
+    bins = _fullest_first(buffer, max_length)
+    while (stats.bins + len(bins)) % multiple_of and any(len(b) > 1 for b in bins):
+        i = max(range(len(bins)), key=lambda j: (len(bins[j]), -j))
+        bins[i : i + 1] = [bins[i][: len(bins[i]) // 2], bins[i][len(bins[i]) // 2 :]]
+        stats.split_for_ranks += 1
+    extra = (stats.bins + len(bins)) % multiple_of
+    if extra:
+        dropped = bins[len(bins) - extra :]
+        bins = bins[: len(bins) - extra]
+        stats.dropped_for_ranks += sum(len(b) for b in dropped)
+        logger.warning(
+            "pack_stream: the stream ended with too few examples to give each of %d ranks the same number of "
+            "bins; dropped the last %d examples",
+            multiple_of,
+            stats.dropped_for_ranks,
+        )
+    for b in bins:
+        yield emit(buffer, b)
+
+
+class PackedIterableDataset(torch.utils.data.IterableDataset):
+    """Packed bins of a stream of encoded examples, for ``Trainer``/``DataLoader``: each item is one bin (a list
+    of example dicts), packed by :func:`pack_stream` with a bounded buffer; nothing is materialised.
+
+    Use it with :class:`BinCollator` (a micro-batch of bins -> one packed row)::
+
+        stream = EncodedStream(iter_records("big.jsonl"), tokenizer, max_length=4096)
+        train = PackedIterableDataset(stream, 4096, buffer_size=2048)
+        loader = DataLoader(train, batch_size=1, collate_fn=BinCollator(PackingCollator()))
+
+    Epochs: every ``__iter__`` reads ``examples`` again (pass a re-iterable, e.g. an
+    :class:`~ragkern.data.EncodedStream` over a file or a ``datasets.IterableDataset``, not a one-shot
+    generator), or calls it with the epoch when it is a callable ``epoch -> iterable``. :meth:`set_epoch` is
+    passed on to ``examples`` (a ``datasets.IterableDataset`` reshuffles; a RAFT stream re-draws distractors).
+
+    Ranks: every rank reads the whole stream and packs it the same way (the stream must be in the same order
+    on every rank); rank ``r`` of ``world_size`` takes bins ``r, r + world_size, ...``. The end of the stream is
+    split so that every rank gets the same number of bins (:func:`pack_stream`'s ``multiple_of``), so ranks
+    run the same number of steps. ``rank``/``world_size`` default to torch.distributed's, read when iteration
+    starts. The length of a stream is unknown: like any iterable dataset under ``Trainer``, give ``max_steps``.
+    DataLoader workers split this rank's bins between them; ``stats`` (fill ratio) is then kept in the workers.
+
+    Attributes:
+        stats: the :class:`StreamPackStats` of the current pass (all ranks' bins; ``stats.fill_ratio``).
+        source_names: optional example ``source`` tags, for ``PackingCollator(source_names=...)``.
+    """
+
+    def __init__(
+        self,
+        examples: Iterable[dict] | Callable[[int], Iterable[dict]],
+        max_length: int,
+        *,
+        buffer_size: int = 1024,
+        rank: int | None = None,
+        world_size: int | None = None,
+        source_names: Sequence[str] | None = None,
+    ):
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither (torch.distributed's are used)")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+        if buffer_size < 1 or max_length < 1:
+            raise ValueError(f"max_length={max_length} and buffer_size={buffer_size} must be >= 1")
+        self.examples = examples
+        self.max_length = max_length
+        self.buffer_size = buffer_size
+        self.rank, self.world_size = rank, world_size
+        self.source_names = tuple(source_names) if source_names is not None else None
+        self.epoch = 0
+        self.stats = StreamPackStats(max_length)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if not callable(self.examples) and hasattr(self.examples, "set_epoch"):
+            self.examples.set_epoch(epoch)
+
+    def _rank(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return self.rank, self.world_size
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.stats.fill_ratio
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        rank, world = self._rank()
+        worker = torch.utils.data.get_worker_info()
+        wid, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        source = self.examples(self.epoch) if callable(self.examples) else self.examples
+        self.stats = StreamPackStats(self.max_length)
+        bins = pack_stream(
+            source, self.max_length, buffer_size=self.buffer_size, multiple_of=world, stats=self.stats
+        )
+        for i, b in enumerate(bins):
+            if i % world == rank and (i // world) % workers == wid:
+                yield b
+
+
+@dataclass
+class BinCollator:
+    """Collate a micro-batch of bins (items of :class:`PackedIterableDataset`) into one packed row: the bins'
+    examples are concatenated, in order, and handed to ``collator`` (e.g. ``PackingCollator()``)."""
+
+    collator: Callable[[list[dict]], dict]
+
+    def __call__(self, bins: list[list[dict]]) -> dict:
+        return self.collator([example for b in bins for example in b])
+
+
+class _StreamLoader(torch.utils.data.DataLoader):
+    def set_epoch(self, epoch: int) -> None:  # Trainer calls it on its dataloader every epoch
+        self.dataset.set_epoch(epoch)
+
+
+def stream_dataloader(
+    dataset: PackedIterableDataset,
+    collator: Callable[[list[dict]], dict],
+    *,
+    bins_per_batch: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    **loader_kwargs,
+) -> torch.utils.data.DataLoader:
+    """The training ``DataLoader`` of a :class:`PackedIterableDataset` on one rank of ``world_size``.
+
+    Each micro-batch is ``bins_per_batch`` of this rank's bins collated into one row by ``collator`` (through
+    :class:`BinCollator`). The loader has ``set_epoch`` (forwarded to the dataset, so the stream re-shuffles or
+    re-draws), which ``Trainer`` calls every epoch. Do not pass it through ``accelerator.prepare``: the dataset
+    already deals bins to ranks, and accelerate's batch dispatching would split the packed rows. The dataset is
+    copied with ``rank``/``world_size`` set (its packing stats: ``loader.dataset.stats``); ``loader_kwargs`` go
+    to ``DataLoader`` (``num_workers``, ``pin_memory``, ...).
+    """
+    if bins_per_batch < 1:
+        raise ValueError(f"bins_per_batch must be >= 1, got {bins_per_batch}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+    mine = copy.copy(dataset)
+    mine.rank, mine.world_size = rank, world_size
+    return _StreamLoader(mine, batch_size=bins_per_batch, collate_fn=BinCollator(collator), **loader_kwargs)

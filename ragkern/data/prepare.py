@@ -11,7 +11,7 @@ and counted only if even that cannot fit; any other example longer than ``max_le
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -94,12 +94,49 @@ def encode_records(
     Raises:
         RecordError: a bad record; the message names its position in ``records`` and the field.
     """
+    stats = EncodeStats()
+    examples = list(
+        iter_encode_records(
+            records,
+            tokenizer,
+            max_length=max_length,
+            strict=strict,
+            trim=trim,
+            on_error=on_error,
+            stats=stats,
+            show_progress=show_progress,
+        )
+    )
+    return EncodedDataset(examples, stats)
+
+
+def iter_encode_records(
+    records: Iterable[dict],
+    tokenizer,
+    *,
+    max_length: int,
+    strict: bool = False,
+    trim: bool = True,
+    on_error: str = "raise",
+    stats: EncodeStats | None = None,
+    show_progress: bool = False,
+) -> Iterator[dict]:
+    """Encode records lazily, one example at a time: :func:`encode_records` for streams.
+
+    Nothing is materialised: ``records`` may be a ``datasets.IterableDataset``, a generator or a file read
+    with :func:`ragkern.data.iter_records`. The same length policy applies (a long DAP document yields its
+    chunks one after another). ``stats`` (optional) is updated as examples are yielded; the warnings of the
+    length policy are logged when the stream ends. Arguments as in :func:`encode_records`.
+    """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    stats = EncodeStats()
-    examples: list[dict] = []
+    stats = EncodeStats() if stats is None else stats
+    return _encode_stream(records, tokenizer, max_length, strict, trim, on_error, stats, show_progress)
+
+
+def _encode_stream(records, tokenizer, max_length, strict, trim, on_error, stats, show_progress):
     total = len(records) if hasattr(records, "__len__") else None
     for i, record in enumerate(tqdm(records, total=total, desc="encoding", disable=not show_progress)):
         stats.records += 1
@@ -132,12 +169,17 @@ def encode_records(
         if is_dap and len(example["input_ids"]) > max_length:
             pieces = _chunks(example, max_length)
             stats.dap_chunks += len(pieces)
-            examples.extend(pieces)
         else:
-            examples.append(example)
-    stats.examples = len(examples)
-    for e in examples:
-        stats.per_source[e.get("source", "default")] = stats.per_source.get(e.get("source", "default"), 0) + 1
+            pieces = [example]
+        for piece in pieces:
+            source = piece.get("source", "default")
+            stats.examples += 1
+            stats.per_source[source] = stats.per_source.get(source, 0) + 1
+            yield piece
+    _log_stats(stats, max_length)
+
+
+def _log_stats(stats: EncodeStats, max_length: int) -> None:
     if stats.dropped_too_long:
         logger.warning(
             "dropped %d of %d records longer than max_length=%d (first ids: %s); raise max_length or shorten them",
@@ -158,4 +200,3 @@ def encode_records(
     if stats.skipped_invalid:
         logger.warning("skipped %d invalid records (first: %s)", stats.skipped_invalid, stats.errors[:3])
     logger.info("encoded %s", stats.summary())
-    return EncodedDataset(examples, stats)

@@ -1,0 +1,210 @@
+"""Streaming: lazy RAFT building and encoding, bounded-buffer packing, PackedIterableDataset across ranks."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from ragkern import PackingCollator
+from ragkern.data import EncodedStream, RaftBuilder, RaftStream, encode_records, iter_encode_records
+from ragkern.packing import (
+    BinCollator,
+    PackedIterableDataset,
+    StreamPackStats,
+    pack_lengths,
+    pack_stream,
+    stream_dataloader,
+)
+from tests.ragkern.tiny import tiny_model, word_tokenizer
+
+
+def _examples(lengths):
+    return [{"input_ids": [5] * int(n), "id": i} for i, n in enumerate(lengths)]
+
+
+class Counting:
+    """An instrumented stream: records how many examples the packer has pulled."""
+
+    def __init__(self, examples):
+        self.examples, self.pulled = examples, 0
+
+    def __iter__(self):
+        for e in self.examples:
+            self.pulled += 1
+            yield e
+
+
+@pytest.mark.parametrize("buffer_size", [1, 7, 64])
+def test_pack_stream_holds_at_most_buffer_size_and_emits_each_example_once(buffer_size):
+    lengths = np.random.default_rng(buffer_size).integers(1, 300, 1000)
+    source = Counting(_examples(lengths))
+    stats = StreamPackStats(512)
+    seen, held = [], []
+    for b in pack_stream(source, 512, buffer_size=buffer_size, stats=stats):
+        # pulled from the stream but not yet handed out = what the packer holds
+        held.append(source.pulled - len(seen))
+        assert sum(len(e["input_ids"]) for e in b) <= 512
+        seen += [e["id"] for e in b]
+    assert max(held) <= buffer_size
+    assert stats.max_buffered == buffer_size  # the buffer was used, not bypassed
+    assert sorted(seen) == list(range(1000))
+    assert (stats.examples, stats.tokens) == (1000, int(lengths.sum()))
+
+
+def test_pack_stream_fill_ratio_near_offline_packing():
+    lengths = np.random.default_rng(0).integers(16, 512, 3000)
+    stats = StreamPackStats(1024)
+    bins = list(pack_stream(iter(_examples(lengths)), 1024, buffer_size=64, stats=stats))
+    offline = lengths.sum() / (len(pack_lengths(lengths, 1024)) * 1024)
+    assert stats.bins == len(bins)
+    assert stats.fill_ratio == pytest.approx(lengths.sum() / (len(bins) * 1024))
+    assert stats.fill_ratio >= 0.98 and stats.fill_ratio >= offline - 0.01
+    tiny = StreamPackStats(1024)
+    list(pack_stream(iter(_examples(lengths)), 1024, buffer_size=2, stats=tiny))
+    assert tiny.fill_ratio < stats.fill_ratio - 0.05  # the buffer is what buys the fill
+
+
+def test_pack_stream_rejects_an_example_that_cannot_fit():
+    with pytest.raises(ValueError, match=r"stream example 1 has 9 tokens.*max_length=8"):
+        list(pack_stream(iter(_examples([3, 9])), 8))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_packed_iterable_dataset_deals_every_bin_once_and_evenly_to_ranks(world_size):
+    examples = _examples(np.random.default_rng(1).integers(1, 200, 301))
+    per_rank = [
+        list(PackedIterableDataset(examples, 256, buffer_size=32, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
+    assert len({len(bins) for bins in per_rank}) == 1  # same number of steps on every rank
+    ids = [e["id"] for bins in per_rank for b in bins for e in b]
+    assert sorted(ids) == list(range(301))
+
+
+def test_too_short_stream_for_the_ranks_drops_and_counts():
+    stats = StreamPackStats(100)
+    bins = list(pack_stream(iter(_examples([60, 60, 60])), 100, multiple_of=4, stats=stats))
+    assert len(bins) == 0 and stats.dropped_for_ranks == 3
+
+
+def _records(n):
+    out = []
+    for i in range(n):
+        if i % 3 == 0:
+            out.append({"text": " ".join(["the river of rome"] * (1 + i % 7)), "id": i})
+        elif i % 3 == 1:
+            out.append(
+                {
+                    "question": "who lives in rome?",
+                    "passages": ["alpha lives in rome", "beta lives in paris " * (1 + i % 5)],
+                    "answer": "alpha",
+                    "oracle": [0],
+                    "id": i,
+                }
+            )
+        else:
+            out.append({"prompt": "where is paris?", "completion": "in france", "id": i})
+    return out
+
+
+def test_streaming_encode_of_an_iterable_dataset_equals_in_memory_encode():
+    tok = word_tokenizer()
+    records = _records(30)
+    stream = datasets.IterableDataset.from_generator(lambda: iter(records))
+    expected = encode_records(records, tok, max_length=24, show_progress=False)
+    assert expected.stats.dap_chunks > 0 and expected.stats.trimmed > 0  # the length policy is exercised
+    encoded = EncodedStream(stream, tok, max_length=24)
+    assert list(encoded) == expected.examples
+    assert encoded.stats == expected.stats
+    assert list(encoded) == expected.examples  # a second pass reads the stream again
+
+
+def test_iter_encode_records_is_lazy():
+    tok = word_tokenizer()
+    source = Counting(_records(30))
+    it = iter_encode_records(source, tok, max_length=64)
+    assert source.pulled == 0
+    next(it)
+    assert source.pulled == 1
+
+
+def test_raft_stream_matches_build_all_and_redraws_per_epoch():
+    corpus = [f"passage {w} lives in rome" for w in ("alpha", "beta", "gamma", "delta", "paris", "city")]
+    qa = [
+        {"question": f"who is {w}?", "answer": w, "oracle_passages": [f"{w} is the answer"]}
+        for w in ("alpha", "beta", "gamma", "delta")
+    ]
+    builder = RaftBuilder(corpus, num_distractors=2, seed=0)
+    stream = RaftStream(datasets.IterableDataset.from_generator(lambda: iter(qa)), builder)
+    assert list(stream) == builder.build_all(qa, epoch=0)
+    stream.set_epoch(1)
+    assert list(stream) == builder.build_all(qa, epoch=1) != builder.build_all(qa, epoch=0)
+
+
+def test_bin_collator_rows_equal_packing_collator_on_the_bins_examples():
+    examples = [
+        {"input_ids": list(range(4, 4 + n)), "labels": list(range(4, 4 + n)), "source": "dap"}
+        for n in (5, 9, 3, 7, 2)
+    ]
+    ds = PackedIterableDataset(examples, 12, buffer_size=3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=BinCollator(PackingCollator()))
+    bins = list(ds)
+    rows = list(loader)
+    assert len(rows) == 2
+    want = PackingCollator()([e for b in bins[:2] for e in b])
+    assert rows[0].keys() == want.keys()
+    assert all(torch.equal(torch.as_tensor(rows[0][k]), torch.as_tensor(want[k])) for k in want)
+
+
+def test_packed_stream_trains_with_a_plain_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    tok = word_tokenizer()
+    stream = EncodedStream(
+        datasets.IterableDataset.from_generator(lambda: iter(_records(40))), tok, max_length=64
+    )
+    train = PackedIterableDataset(stream, 64, buffer_size=8)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        accelerator_config={
+            "dispatch_batches": False
+        },  # bins are dealt by the dataset, not split by accelerate
+        disable_tqdm=True,
+    )
+    model = tiny_model("llama", vocab_size=len(tok)).train()
+    before = model.model.embed_tokens.weight.detach().clone()
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train, data_collator=BinCollator(PackingCollator())
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert not torch.equal(before, model.model.embed_tokens.weight)
+    assert 0 < train.fill_ratio <= 1
+
+
+def test_stream_dataloader_deals_rows_to_ranks_and_forwards_set_epoch():
+    tok = word_tokenizer()
+    corpus = [f"{w} lives in rome" for w in ("alpha", "beta", "gamma", "delta", "paris", "city", "river")]
+    qa = [
+        {"question": f"who is {w}?", "answer": w, "oracle_passages": [f"{w} is here"]} for w in corpus[:4] * 5
+    ]
+    stream = EncodedStream(RaftStream(qa, RaftBuilder(corpus, num_distractors=2, seed=0)), tok, max_length=40)
+    train = PackedIterableDataset(stream, 80, buffer_size=6)
+    loaders = [
+        stream_dataloader(train, PackingCollator(), bins_per_batch=2, rank=r, world_size=2) for r in (0, 1)
+    ]
+    rows = [list(loader) for loader in loaders]
+    assert len(rows[0]) == len(rows[1]) > 0  # same number of steps on both ranks
+    tokens = sum(int(row["input_ids"].numel()) for rank in rows for row in rank)
+    assert tokens == loaders[0].dataset.stats.tokens  # the two ranks' rows hold every packed token once
+    assert train.world_size is None  # the loaders hold copies
+    for loader in loaders:
+        loader.set_epoch(1)  # Trainer does this every epoch: the RAFT stream re-draws its distractors
+    again = [list(loader) for loader in loaders]
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(rows[0], again[0]))
