@@ -70,8 +70,35 @@ def _lm_head_params(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return weight, bias
 
 
-def _fused_token_loss(model: torch.nn.Module, model_inputs: dict, targets: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` fp32 loss at each position against ``targets`` (0 where ignored), without the logits.
+# Rows of target hidden states projected at once when the fused path computes argmax hits.
+HIT_CHUNK = 4096
+
+
+@torch.no_grad()
+def _argmax_hits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """``(B, T)`` bool: ``argmax(lm_head(hidden)) == targets`` at target positions (False elsewhere).
+
+    Only the target rows of ``hidden`` ``(B, T, H)`` go through the lm_head ``weight`` ``(V, H)``, in chunks of
+    ``HIT_CHUNK`` rows: RAFT targets are the answer tokens, a small part of the row. Softcapping is monotone,
+    so it does not change the argmax.
+    """
+    mask = targets != IGNORE_INDEX
+    hits = torch.zeros_like(mask)
+    rows = hidden[mask]  # (n, H)
+    if rows.shape[0]:
+        w, b = weight.detach(), None if bias is None else bias.detach()
+        pred = torch.cat([F.linear(c, w, b).argmax(-1) for c in rows.split(HIT_CHUNK)])
+        hits[mask] = pred == targets[mask]
+    return hits
+
+
+def _fused_token_loss(
+    model: torch.nn.Module, model_inputs: dict, targets: torch.Tensor, with_hits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(B, T)`` fp32 loss at each position against ``targets`` (0 where ignored), without the logits, and
+    (``with_hits``) the ``(B, T)`` argmax hits of :func:`_argmax_hits`, else None.
 
     The model runs through its own (possibly wrapped) forward with ``logits_to_keep`` selecting no position,
     so the lm_head sees an empty input; the final hidden states come back in ``hidden_states[-1]``.
@@ -95,7 +122,8 @@ def _fused_token_loss(model: torch.nn.Module, model_inputs: dict, targets: torch
         reduction="none",
         softcap=softcap or None,
     )
-    return per_pos.view_as(targets)
+    hits = _argmax_hits(hidden, weight.to(hidden.dtype), bias, targets) if with_hits else None
+    return per_pos.view_as(targets), hits
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -109,26 +137,32 @@ def causal_lm_loss(
     *,
     num_items_in_batch: torch.Tensor | int | None = None,
     fused: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` on ``inputs`` and return ``(loss, token_loss)``.
+    return_hits: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Run ``model`` on ``inputs`` and return ``(loss, token_loss)``, or ``(loss, token_loss, hits)``.
 
     ``token_loss`` is ``(B, T)`` float32 aligned with ``inputs["labels"]``: ``token_loss[b, t]`` is the loss
     of predicting ``labels[b, t]`` from position ``t - 1`` (0 where the label is -100; column 0 is always 0).
     ``loss = token_loss.sum() / num_items_in_batch``, or over the number of targets when that is ``None``,
     so a step accumulated over micro-batches (or ranks) sums to the mean over all of its target tokens.
+    With ``return_hits``, ``hits`` is ``(B, T)`` bool, aligned the same way: the argmax of the logits at
+    ``t - 1`` equals ``labels[b, t]`` (False where the label is -100); for token accuracy, no gradient.
 
     ``fused`` selects the fused linear + cross-entropy path (``ragkern.kernels.fused_linear_cross_entropy``
     on the lm_head weight, LoRA adapters on the lm_head included, Gemma's final_logit_softcapping applied)
     for Llama-, Mistral-, Qwen2/3- and Gemma-family models, peft-wrapped or not. Anything it cannot
     reproduce exactly falls back to the plain path, which materialises the logits, with a one-time log line.
+    The fused path never holds the logits, so its ``hits`` come from projecting the target positions' hidden
+    states only through the lm_head (no grad, in chunks): cheap when targets are few (RAFT answers), one
+    extra lm_head forward when every token is a target (DAP).
     """
     labels = inputs["labels"]
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     targets = shifted_targets(labels)
-    per_pos = None
+    per_pos = hits = None
     if fused:
         try:
-            per_pos = _fused_token_loss(model, model_inputs, targets)
+            per_pos, hits = _fused_token_loss(model, model_inputs, targets, with_hits=return_hits)
         except _NotFusable as why:
             _log_once(f"ragkern: fused loss off, using the plain loss (materialised logits): {why}")
     if per_pos is None:
@@ -136,8 +170,12 @@ def causal_lm_loss(
         per_pos = F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(targets)
+        if return_hits:
+            hits = (logits.detach().argmax(-1) == targets) & (targets != IGNORE_INDEX)
     token_loss = F.pad(per_pos[:, :-1], (1, 0))  # realign with labels
     denom = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
     if torch.is_tensor(denom):
         denom = denom.to(token_loss.device)
+    if return_hits:
+        return token_loss.sum() / denom, token_loss, F.pad(hits[:, :-1], (1, 0))
     return token_loss.sum() / denom, token_loss
