@@ -104,10 +104,15 @@ def pack_lengths(lengths: Sequence[int], max_length: int) -> list[list[int]]:
 class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields the example indices of ``bins_per_batch`` packed bins per micro-batch, for this rank.
 
-    The bins come from :func:`pack_lengths` once; each epoch shuffles their order from ``seed + epoch`` (the
-    same on every rank) and deals them to ranks round-robin. Bins are split, before any epoch, until their
-    count is a multiple of ``num_replicas``, so every rank runs the same number of steps without repeating
-    or dropping an example.
+    The bins come from :func:`pack_lengths`; each epoch shuffles their order from ``seed + epoch`` (the same on
+    every rank) and deals them to ranks round-robin. Bins are split (the fullest by count first) until there are
+    ``num_bins`` of them, by default the next multiple of ``num_replicas``, so every rank runs the same number of
+    steps without repeating or dropping an example.
+
+    Data that changes every epoch (e.g. :class:`ragkern.data.RaftEpochDataset`): pass ``epoch_lengths``, a callable
+    that makes the dataset hold epoch ``e``'s examples and returns their lengths; :meth:`set_epoch` calls it and
+    re-packs. ``lengths`` then describes the dataset as it is now. Give ``num_bins`` (at least the bins any epoch
+    needs) so that ``len()`` stays the same every epoch, as ``Trainer`` counts steps once.
     """
 
     def __init__(
@@ -120,28 +125,48 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        num_bins: int | None = None,
+        epoch_lengths: Callable[[int], Sequence[int]] | None = None,
     ):
         if bins_per_batch < 1:
             raise ValueError(f"bins_per_batch must be >= 1, got {bins_per_batch}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank={rank} is not in [0, num_replicas={num_replicas})")
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if num_bins is not None and (num_bins < 1 or num_bins % num_replicas):
+            raise ValueError(
+                f"num_bins={num_bins} must be a positive multiple of num_replicas={num_replicas}"
+            )
         self.max_length = max_length
         self.bins_per_batch = bins_per_batch
         self.shuffle = shuffle
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.num_bins = num_bins
+        self.epoch_lengths = epoch_lengths
         self.epoch = 0
-        self.bins = self._split_for_ranks(pack_lengths(self.lengths, max_length))
+        self._packed_epoch: int | None = None if epoch_lengths is not None else 0
+        self._pack(lengths)
+
+    def _pack(self, lengths: Sequence[int]) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.bins = self._split_for_ranks(pack_lengths(self.lengths, self.max_length))
 
     def _split_for_ranks(self, bins: list[list[int]]) -> list[list[int]]:
-        while len(bins) % self.num_replicas:
+        target = self.num_bins
+        if target is None:
+            target = -(-len(bins) // self.num_replicas) * self.num_replicas
+        if len(bins) > target:
+            raise ValueError(
+                f"the examples need {len(bins)} bins of {self.max_length} tokens, more than num_bins={target}; "
+                "raise num_bins"
+            )
+        while len(bins) < target:
             splittable = [i for i, b in enumerate(bins) if len(b) > 1]
             if not splittable:
                 raise ValueError(
-                    f"{len(bins)} single-example bins cannot be shared evenly by {self.num_replicas} ranks; "
-                    "add examples or use fewer ranks"
+                    f"{len(bins)} single-example bins cannot be split into {target} bins (num_replicas="
+                    f"{self.num_replicas}); add examples or use fewer ranks"
                 )
             i = max(splittable, key=lambda j: (len(bins[j]), -j))  # split the fullest-by-count bin
             b = bins[i]
@@ -150,11 +175,15 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     @property
     def fill_ratio(self) -> float:
-        """Real tokens / (bins x max_length) of this packing."""
+        """Real tokens / (bins x max_length) of this packing (of the current epoch)."""
         return float(self.lengths.sum()) / (len(self.bins) * self.max_length)
 
     def set_epoch(self, epoch: int) -> None:
+        """Shuffle for ``epoch``; with ``epoch_lengths``, switch the data to that epoch and re-pack it."""
         self.epoch = epoch
+        if self.epoch_lengths is not None and epoch != self._packed_epoch:
+            self._pack(self.epoch_lengths(epoch))
+            self._packed_epoch = epoch
 
     def _rank_bins(self) -> list[list[int]]:
         if self.shuffle:
