@@ -50,6 +50,13 @@ class RagTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Use the fused linear + cross-entropy loss (never materialises logits)."},
     )
+    fused_lora: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run peft LoRA Linear layers on ragkern.kernels.lora_linear. None: when the model is on CUDA "
+            "(Triton); True: also on CPU (fused torch path); False: never."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs labels and block_ids."}
     )
@@ -112,6 +119,7 @@ class RagTrainer(Trainer):
       * packs examples into bins of ``args.max_length`` tokens (:class:`~ragkern.packing.PackedBatchSampler`)
         and collates each micro-batch into one padding-free row (:class:`~ragkern.PackingCollator`);
       * switches the model to the "ragkern" attention, which keeps packed examples apart;
+      * runs peft LoRA layers on the fused kernel (``fused_lora``, :func:`ragkern.lora.apply`);
       * normalises the loss by the target tokens of the whole optimizer step (all micro-batches and ranks);
       * logs ``fill_ratio``, ``tokens_per_second`` and ``target_tokens_per_second`` next to the loss, and
         ``loss/<source>`` (mean target-token loss per example ``source``) when the data mixes sources.
@@ -178,6 +186,36 @@ class RagTrainer(Trainer):
         self._totals = {"tokens": 0, "targets": 0}
         self._fill_ratio: float | None = None
         self._source_window: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._apply_fused_lora()
+
+    def _apply_fused_lora(self) -> None:
+        """Route the model's peft LoRA Linear layers to the fused kernel when ``args.fused_lora`` asks for it."""
+        wanted, model = self.args.fused_lora, self.model
+        if wanted is False or model is None:
+            return
+        from peft.tuners.lora import LoraLayer
+
+        if not any(isinstance(m, LoraLayer) for m in model.modules()):
+            if wanted:
+                logger.info(
+                    "RagTrainer: fused_lora=True but the model has no peft LoRA layers; nothing to fuse"
+                )
+            return
+        on_cuda = self.args.device.type == "cuda" or any(p.is_cuda for p in model.parameters())
+        if wanted is None and not on_cuda:
+            return
+        from . import lora
+
+        summary = lora.apply(model)
+        fused = summary.get(lora.FUSED, 0)
+        kept = ", ".join(f"{n} ({why})" for why, n in summary.items() if why != lora.FUSED)
+        logger.info(
+            "RagTrainer: fused LoRA (ragkern.kernels.lora_linear, %s) serves %d of %d LoRA layers%s",
+            "Triton" if on_cuda else "torch path",
+            fused,
+            sum(summary.values()),
+            f"; peft's forward kept on {kept}" if kept else "",
+        )
 
     @staticmethod
     def _encode(dataset, tokenizer, args: RagTrainingArguments) -> EncodedDataset:
