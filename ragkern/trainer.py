@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from .attention import NAME as RAGKERN_ATTENTION
 from .collator import PackingCollator, PaddingCollator
+from .data.encode import IGNORE_INDEX
 from .data.prepare import EncodedDataset, encode_records
 from .loss import causal_lm_loss
 from .packing import PackedBatchSampler
@@ -21,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Attention implementations that read the collator's cu_seq_lens_* and so keep packed examples apart.
 BOUNDARY_AWARE_ATTENTION = (RAGKERN_ATTENTION, "flash_attention_2", "flash_attention_3")
+LOSS_NORMALIZATIONS = ("token", "example", "source")
 
 
 @dataclass
@@ -57,12 +61,57 @@ class RagTrainingArguments(TrainingArguments):
             "(Triton); True: also on CPU (fused torch path); False: never."
         },
     )
+    loss_normalization: str = field(
+        default="token",
+        metadata={
+            "help": "Loss of an optimizer step: 'token' (mean over its target tokens), 'example' (mean over its "
+            "examples of each example's mean token loss) or 'source' (per-source mean token loss, weighted by "
+            "source_weights). Steps span gradient accumulation and ranks.",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
+    source_weights: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "loss_normalization='source': weight per source tag, e.g. '{\"raft\": 2, \"instruct\": 1}' "
+            "(JSON on the command line); unnamed sources weigh 1."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs labels and block_ids."}
     )
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluation returns the loss only (packed logits are large)."}
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"loss_normalization={self.loss_normalization!r} is not one of {LOSS_NORMALIZATIONS}: 'token' "
+                "averages target tokens, 'example' averages examples, 'source' weights sources by source_weights"
+            )
+        if isinstance(self.source_weights, str):
+            self.source_weights = json.loads(self.source_weights)
+        if self.source_weights is not None:
+            if not isinstance(self.source_weights, dict):
+                raise ValueError(
+                    f"source_weights must map source tags to weights; got {self.source_weights!r}"
+                )
+            bad = {
+                k: v
+                for k, v in self.source_weights.items()
+                if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0)
+            }
+            if bad or not any(v > 0 for v in self.source_weights.values()):
+                raise ValueError(
+                    f"source_weights must be finite numbers >= 0 with at least one > 0; got {self.source_weights}"
+                )
+            if self.loss_normalization != "source":
+                logger.warning(
+                    "source_weights is set but loss_normalization=%r: the weights are used only with 'source'",
+                    self.loss_normalization,
+                )
 
 
 def _as_rag_args(args: TrainingArguments | None) -> RagTrainingArguments:
@@ -109,6 +158,38 @@ def _source_names(datasets: list) -> tuple[str, ...] | None:
     return tuple(sorted({e.get("source", "default") for d in ours for e in d.examples}))
 
 
+def _target_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: positions that carry a loss in ``causal_lm_loss``'s ``token_loss`` (column 0 never)."""
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False
+    return mask
+
+
+def _example_index(batch: dict) -> tuple[torch.Tensor, int]:
+    """``(B, T)`` index of the example each token belongs to, and the number of examples.
+
+    A packed row ``(1, T)`` holds the examples that ``cu_seq_lens_q`` delimits; a padded batch one per row.
+    """
+    labels = batch["labels"]
+    cu = batch.get("cu_seq_lens_q")
+    if cu is None:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        return rows[:, None].expand_as(labels), labels.shape[0]
+    n = cu.numel() - 1
+    index = torch.repeat_interleave(torch.arange(n, device=labels.device), (cu[1:] - cu[:-1]).long())
+    return index.view_as(labels), n
+
+
+def _example_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(index (B, T), target mask (B, T), target count per example (n,))`` of a batch."""
+    index, n = _example_index(batch)
+    mask = _target_mask(batch["labels"])
+    counts = torch.zeros(n, dtype=torch.float64, device=mask.device).index_add_(
+        0, index[mask], torch.ones(int(mask.sum()), dtype=torch.float64, device=mask.device)
+    )
+    return index, mask, counts
+
+
 class RagTrainer(Trainer):
     """A ``transformers.Trainer`` for retrieval-augmented fine-tuning, with the same constructor.
 
@@ -119,10 +200,14 @@ class RagTrainer(Trainer):
       * packs examples into bins of ``args.max_length`` tokens (:class:`~ragkern.packing.PackedBatchSampler`)
         and collates each micro-batch into one padding-free row (:class:`~ragkern.PackingCollator`);
       * switches the model to the "ragkern" attention, which keeps packed examples apart;
+      * normalises the loss over the whole optimizer step (all micro-batches and ranks), by its target tokens
+        (``loss_normalization="token"``), its examples (``"example"``: each example's mean token loss, averaged)
+        or its sources (``"source"``: see :meth:`compute_loss`);
       * runs peft LoRA layers on the fused kernel (``fused_lora``, :func:`ragkern.lora.apply`);
-      * normalises the loss by the target tokens of the whole optimizer step (all micro-batches and ranks);
-      * logs ``fill_ratio``, ``tokens_per_second`` and ``target_tokens_per_second`` next to the loss, and
-        ``loss/<source>`` (mean target-token loss per example ``source``) when the data mixes sources.
+      * logs ``fill_ratio``, ``tokens_per_second`` and ``target_tokens_per_second`` next to the loss, and, when
+        the data mixes sources, ``loss/<source>`` (mean target-token loss) and ``accuracy/<source>`` (fraction
+        of target tokens whose argmax prediction is the label) per example ``source``; RAFT examples built with
+        ``RaftBuilder(split_source=True)`` report ``raft/oracle`` and ``raft/no_oracle`` apart.
     """
 
     def __init__(
@@ -184,9 +269,28 @@ class RagTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._window = {"tokens": 0, "targets": 0, "start": time.perf_counter()}
         self._totals = {"tokens": 0, "targets": 0}
-        self._fill_ratio: float | None = None
-        self._source_window: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._train_sampler: PackedBatchSampler | None = None
+        self._source_window: tuple[torch.Tensor, ...] | None = None  # (loss sums, target counts, argmax hits)
+        self._step_counts: torch.Tensor | None = None  # loss_normalization != "token": this step's divisors
+        self._source_weight = self._check_source_weights()
         self._apply_fused_lora()
+
+    def _check_source_weights(self) -> torch.Tensor | None:
+        """``(S,)`` float64 weights of ``self._sources`` for ``loss_normalization="source"``."""
+        if self.args.loss_normalization != "source":
+            return None
+        if not self._sources:
+            raise ValueError(
+                "loss_normalization='source' needs source tags: pass RagTrainer a train_dataset it encodes (records "
+                "or tokenized examples with a 'source' field), packed by its PackingCollator"
+            )
+        weights = self.args.source_weights or {}
+        unknown = sorted(set(weights) - set(self._sources))
+        if unknown:
+            raise ValueError(
+                f"source_weights names {unknown}, which are not sources of the data {self._sources}"
+            )
+        return torch.tensor([float(weights.get(name, 1.0)) for name in self._sources], dtype=torch.float64)
 
     def _apply_fused_lora(self) -> None:
         """Route the model's peft LoRA Linear layers to the fused kernel when ``args.fused_lora`` asks for it."""
@@ -288,7 +392,7 @@ class RagTrainer(Trainer):
         loader, sampler = self._packed_dataloader(
             self.train_dataset, self.args.per_device_train_batch_size, shuffle=True
         )
-        self._fill_ratio = sampler.fill_ratio
+        self._train_sampler = sampler
         self._window["start"] = time.perf_counter()
         logger.info(
             "packed %d examples into %d bins of %d tokens (fill ratio %.4f)",
@@ -311,26 +415,104 @@ class RagTrainer(Trainer):
             dataset = self._encode(dataset, self.processing_class, self.args)
         return self._packed_dataloader(dataset, self.args.per_device_eval_batch_size, shuffle=False)[0]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.loss_normalization != "token":
+            self._step_counts = self._normalization_counts(batch_samples, device)
+        return batch_samples, num_items_in_batch
+
+    def _normalization_counts(self, batches: list[dict], device) -> torch.Tensor:
+        """The divisors of this optimizer step, summed over its micro-batches (and ranks, with
+        ``average_tokens_across_devices``): ``(1,)`` examples with a target ("example"), or ``(S,)`` target
+        tokens per source ("source")."""
+        if self.args.loss_normalization == "example":
+            counts = torch.zeros(1, dtype=torch.float64, device=device)
+            for batch in batches:
+                counts += (_example_targets(batch)[2] > 0).sum().to(device)
+        else:
+            counts = torch.zeros(len(self._sources), dtype=torch.float64, device=device)
+            for batch in batches:
+                source_ids = self._require_source_ids(batch)
+                ids = source_ids[_target_mask(batch["labels"])]
+                counts += torch.bincount(ids, minlength=len(self._sources)).to(device, torch.float64)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return counts
+
+    @staticmethod
+    def _require_source_ids(batch: dict) -> torch.Tensor:
+        if batch.get("source_ids") is None:
+            raise ValueError(
+                "loss_normalization='source' needs the batch's source_ids: use packing=True with RagTrainer's "
+                "PackingCollator (or a data_collator that emits source_ids)"
+            )
+        return batch["source_ids"]
+
+    def _token_weights(self, batch: dict, source_ids, step_counts) -> torch.Tensor:
+        """``(B, T)`` float32 weight of each token loss so that their sum is the step's loss.
+
+        "example": ``1 / (n_e * E)`` on the targets of example e, with ``n_e`` its target tokens and ``E`` the
+        examples with a target in the step. "source": ``w_s / (n_s * W)`` on the targets of source s, with
+        ``n_s`` the step's target tokens of s and ``W`` the sum of the weights of the sources present in the
+        step. Without ``step_counts`` (evaluation) the divisors are this batch's own.
+        """
+        if self.args.loss_normalization == "example":
+            index, mask, per_example = _example_targets(batch)
+            examples = step_counts if step_counts is not None else (per_example > 0).sum()
+            coef = 1.0 / (per_example.clamp_min(1) * examples.to(per_example.device).clamp_min(1))
+            return (coef[index] * mask).float()
+        mask = _target_mask(batch["labels"])
+        if step_counts is None:
+            step_counts = torch.bincount(source_ids[mask], minlength=len(self._sources)).double()
+        counts = step_counts.to(mask.device)
+        weights = self._source_weight.to(mask.device)
+        present = (weights * (counts > 0)).sum()
+        coef = weights / (counts.clamp_min(1) * present.clamp_min(1e-30))
+        return (coef[source_ids] * mask).float()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The packed causal-LM loss, normalised by ``args.loss_normalization`` over the optimizer step.
+
+        "token" (default): sum of the target-token losses / the step's target tokens (``num_items_in_batch``).
+        "example": every example's mean target-token loss, averaged over the step's examples that have a
+        target. "source": for each source s present in the step, ``L_s`` = its mean target-token loss;
+        the loss is ``sum_s w_s L_s / sum_s w_s`` with ``w_s = source_weights[s]`` (default 1: the mean over
+        sources of their mean token loss). Counts span gradient accumulation and, with
+        ``average_tokens_across_devices``, ranks: an N-rank step equals a 1-rank step accumulating the same
+        micro-batches. During evaluation (no step counts) each batch is normalised on its own.
+        """
         source_ids = inputs.pop("source_ids", None)
-        loss, token_loss = causal_lm_loss(
-            model, inputs, num_items_in_batch=num_items_in_batch, fused=self.args.fused_loss
+        track = source_ids is not None and model.training and len(self._sources or ()) > 1
+        loss, token_loss, *hits = causal_lm_loss(
+            model,
+            inputs,
+            num_items_in_batch=num_items_in_batch,
+            fused=self.args.fused_loss,
+            return_hits=track,
         )
-        if source_ids is not None and model.training:
-            self._add_source_losses(token_loss.detach(), inputs["labels"], source_ids)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch counts every rank's targets while DDP averages gradients over ranks.
+        in_step = num_items_in_batch is not None
+        if self.args.loss_normalization != "token":
+            if self.args.loss_normalization == "source" and source_ids is None:
+                self._require_source_ids(inputs)
+            step_counts = self._step_counts if in_step else None
+            loss = (token_loss * self._token_weights(inputs, source_ids, step_counts)).sum()
+        if track:
+            self._add_source_stats(token_loss.detach(), hits[0], inputs["labels"], source_ids)
+        if self.args.average_tokens_across_devices and in_step:
+            # The step's divisors count every rank's targets while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, {"token_loss": token_loss}) if return_outputs else loss
 
-    def _add_source_losses(self, token_loss, labels, source_ids) -> None:
-        """Accumulate (loss sum, target count) per source between two logs."""
-        targets = labels != -100
+    def _add_source_stats(self, token_loss, hits, labels, source_ids) -> None:
+        """Accumulate (loss sum, target count, argmax hits) per source between two logs."""
+        targets = _target_mask(labels)
         ids, n = source_ids[targets], len(self._sources)
         sums = torch.bincount(ids, weights=token_loss[targets].double(), minlength=n)
         counts = torch.bincount(ids, minlength=n).double()
+        right = torch.bincount(ids, weights=hits[targets].double(), minlength=n)
         acc = self._source_window
-        self._source_window = (sums, counts) if acc is None else (acc[0] + sums, acc[1] + counts)
+        new = (sums, counts, right)
+        self._source_window = new if acc is None else tuple(a + b for a, b in zip(acc, new))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")  # real tokens only: padding is not work done
@@ -355,17 +537,17 @@ class RagTrainer(Trainer):
             elif window[0] > 0:
                 logs["tokens_per_second"] = round(float(window[0]) / elapsed, 2)
                 logs["target_tokens_per_second"] = round(float(window[1]) / elapsed, 2)
-            if self._fill_ratio is not None:
-                logs["fill_ratio"] = round(self._fill_ratio, 4)
+            if self._train_sampler is not None:
+                logs["fill_ratio"] = round(self._train_sampler.fill_ratio, 4)
             if self._sources and len(self._sources) > 1:
-                sums, counts = self._source_window or (torch.zeros(len(self._sources)),) * 2
-                sums, counts = sums.to(self.args.device), counts.to(self.args.device)
+                window = self._source_window or (torch.zeros(len(self._sources), dtype=torch.float64),) * 3
+                window = torch.stack(window).to(self.args.device)  # (3, S): loss sums, targets, hits
                 if self.args.world_size > 1:
-                    sums = self.accelerator.reduce(sums, reduction="sum")
-                    counts = self.accelerator.reduce(counts, reduction="sum")
-                for name, total, count in zip(self._sources, sums.tolist(), counts.tolist()):
+                    window = self.accelerator.reduce(window, reduction="sum")
+                for name, (total, count, right) in zip(self._sources, window.t().tolist()):
                     if count:
                         logs[f"loss/{name}"] = round(total / count, 4)
+                        logs[f"accuracy/{name}"] = round(right / count, 4)
                 self._source_window = None
             self._window = {"tokens": 0, "targets": 0, "start": now}
         super().log(logs, start_time)

@@ -56,3 +56,24 @@ def random_examples(lengths, vocab_size=64, seed=0, answer_tail=None):
         labels = [-100] * (n - tail) + ids[n - tail :]
         out.append({"input_ids": ids, "labels": labels})
     return out
+
+
+def raft_qa(n_questions: int = 12, n_corpus: int = 40, seed: int = 0):
+    """A corpus of word passages of varied lengths and QA records whose oracle is one of them (RaftBuilder input)."""
+    g = torch.Generator().manual_seed(seed)
+    fill = WORDS[:32]
+
+    def words(n):
+        return " ".join(fill[i] for i in torch.randint(0, len(fill), (n,), generator=g).tolist())
+
+    corpus = [{"id": f"p{i}", "text": words(3 + i % 9)} for i in range(n_corpus)]
+    qa = [
+        {
+            "id": f"q{j}",
+            "question": f"who {words(2)} ?",
+            "answer": f"{words(1 + j % 3)} {{cite}}",
+            "oracle_passages": [corpus[j]],
+        }
+        for j in range(n_questions)
+    ]
+    return corpus, qa

@@ -1,0 +1,229 @@
+"""RagTrainer: loss normalisation (token / example / source), per-source accuracy."""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from ragkern import PackingCollator, RagTrainer, RagTrainingArguments
+from ragkern.data import RaftBuilder, RaftEpochDataset
+from ragkern.loss import causal_lm_loss
+from ragkern.packing import pack_lengths
+from tests.ragkern.tiny import raft_qa, random_examples, tiny_model, word_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread, and do not fight other jobs for the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_length=32,
+        per_device_train_batch_size=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=7,
+    )
+    return RagTrainingArguments(**{**base, **kw})
+
+
+class GradCapture(TrainerCallback):
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+            }
+
+
+def max_rel_diff(a, b):
+    assert a.keys() == b.keys() and a
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in a)
+
+
+def tagged_examples():
+    # Every token a target, so examples have 3..10 targets each: token, example and source means differ.
+    examples = random_examples([11, 4, 9, 6, 8, 5, 10], seed=11)
+    for i, ex in enumerate(examples):
+        ex["source"] = "a" if i % 3 else "b"
+    return examples
+
+
+def reference_loss(model, examples, mode, weights=None):
+    """The step loss from per-example token losses, computed one example at a time."""
+    per = []
+    for ex in examples:
+        batch = PackingCollator()([ex])
+        _, token_loss = causal_lm_loss(model, {"input_ids": batch["input_ids"], "labels": batch["labels"]})
+        n = int((batch["labels"][0, 1:] != -100).sum())
+        per.append((ex["source"], token_loss.sum(), n))
+    if mode == "token":
+        return sum(s for _, s, _ in per) / sum(n for *_, n in per)
+    if mode == "example":
+        return sum(s / n for _, s, n in per) / len(per)
+    weights = weights or {}
+    means = {
+        name: sum(s for src, s, _ in per if src == name) / sum(n for src, _, n in per if src == name)
+        for name in sorted({src for src, *_ in per})
+    }
+    total = sum(weights.get(name, 1.0) for name in means)
+    return sum(weights.get(name, 1.0) * m for name, m in means.items()) / total
+
+
+@pytest.mark.parametrize(
+    "mode,weights", [("token", None), ("example", None), ("source", None), ("source", {"a": 3.0, "b": 0.5})]
+)
+def test_normalisation_matches_per_example_reference(tmp_path, mode, weights):
+    examples = tagged_examples()
+    # Several bins of 16 tokens, all in one optimizer step through gradient accumulation.
+    accum = len(pack_lengths([len(e["input_ids"]) for e in examples], 16))
+    assert accum > 1
+    model = tiny_model("llama")
+    reference = tiny_model("llama", attn="sdpa")
+    reference.load_state_dict(model.state_dict())
+    capture = GradCapture()
+    a = args(
+        tmp_path,
+        max_steps=1,
+        max_length=16,
+        gradient_accumulation_steps=accum,
+        loss_normalization=mode,
+        source_weights=weights,
+    )
+    trainer = RagTrainer(model=model, args=a, train_dataset=examples, callbacks=[capture])
+    trainer.train()
+
+    expected = reference_loss(reference, examples, mode, weights)
+    expected.backward()
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    assert max_rel_diff(capture.grads, ref_grads) < 1e-5
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    assert logged["loss"] == pytest.approx(expected.item(), abs=1e-4)
+    # The modes really differ on this data (else the test could not tell them apart).
+    with torch.no_grad():
+        others = {m: reference_loss(reference, examples, m).item() for m in ("token", "example", "source")}
+    assert (
+        min(abs(x - y) for i, x in enumerate(others.values()) for y in list(others.values())[i + 1 :]) > 1e-3
+    )
+
+
+@pytest.mark.parametrize("mode", ["example", "source"])
+def test_normalisation_is_invariant_to_gradient_accumulation(tmp_path, mode):
+    examples = tagged_examples() + random_examples([7, 12, 3], seed=12)
+    for ex in examples[-3:]:
+        ex["source"] = "a"
+    grads = []
+    for bins, accum in [(1, 4), (4, 1), (2, 2)]:
+        capture = GradCapture()
+        a = args(
+            tmp_path,
+            max_steps=1,
+            max_length=24,
+            per_device_train_batch_size=bins,
+            gradient_accumulation_steps=accum,
+            loss_normalization=mode,
+        )
+        RagTrainer(model=tiny_model("llama"), args=a, train_dataset=examples, callbacks=[capture]).train()
+        grads.append(capture.grads)
+    assert max_rel_diff(grads[0], grads[1]) < 1e-5
+    assert max_rel_diff(grads[2], grads[1]) < 1e-5
+
+
+def test_eval_loss_uses_the_normalisation_per_batch(tmp_path):
+    examples = tagged_examples()
+    model = tiny_model("llama")
+    a = args(tmp_path, max_length=64, loss_normalization="example")
+    metrics = RagTrainer(model=model, args=a, train_dataset=examples, eval_dataset=examples).evaluate()
+    # 60 tokens: one row, so the eval loss is that row's mean of per-example means.
+    assert metrics["eval_loss"] == pytest.approx(reference_loss(model, examples, "example").item(), rel=1e-5)
+
+
+def test_bad_normalisation_options_raise(tmp_path):
+    with pytest.raises(ValueError, match="loss_normalization='mean' is not one of"):
+        args(tmp_path, loss_normalization="mean")
+    with pytest.raises(ValueError, match="source_weights must be finite numbers >= 0"):
+        args(tmp_path, loss_normalization="source", source_weights={"a": -1.0})
+    assert args(tmp_path, loss_normalization="source", source_weights='{"a": 2}').source_weights == {"a": 2}
+    with pytest.raises(ValueError, match=r"source_weights names \['c'\], which are not sources"):
+        RagTrainer(
+            model=tiny_model("llama"),
+            args=args(tmp_path, loss_normalization="source", source_weights={"c": 1.0}),
+            train_dataset=tagged_examples(),
+        )
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_loss", "plain_loss"])
+def test_accuracy_per_source_on_known_predictions(tmp_path, fused):
+    """Labels are set from the model's own argmax: source "right" predicts every target, "wrong" none, "half"
+    every other one, so the logged accuracies are known exactly."""
+    model = tiny_model("llama")
+    reference = tiny_model("llama", attn="sdpa")
+    reference.load_state_dict(model.state_dict())
+    examples, expected = [], {"right": [0, 0], "wrong": [0, 0], "half": [0, 0]}
+    for i, ex in enumerate(random_examples([9, 7, 12, 6, 10, 8], seed=13)):
+        source = ("right", "wrong", "half")[i % 3]
+        with torch.no_grad():
+            pred = reference(input_ids=torch.tensor([ex["input_ids"]])).logits[0].argmax(-1).tolist()
+        labels = [-100] * len(pred)
+        for t in range(len(pred) - 4, len(pred)):  # the last 4 tokens are targets
+            hit = source == "right" or (source == "half" and t % 2 == 0)
+            labels[t] = pred[t - 1] if hit else (pred[t - 1] + 1) % 64
+            expected[source][0] += hit
+            expected[source][1] += 1
+        examples.append({**ex, "labels": labels, "source": source})
+    a = args(tmp_path, max_steps=1, max_length=64, learning_rate=0.0, fused_loss=fused)
+    trainer = RagTrainer(model=model, args=a, train_dataset=examples)
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    assert logged["accuracy/right"] == 1.0 and logged["accuracy/wrong"] == 0.0
+    assert logged["accuracy/half"] == pytest.approx(expected["half"][0] / expected["half"][1], abs=1e-4)
+    assert 0 < expected["half"][0] < expected["half"][1]
+
+
+def raft_dataset(tok, *, seed=3, p_oracle=0.8, split_source=False, n_questions=12):
+    corpus, qa = raft_qa(n_questions=n_questions)
+    builder = RaftBuilder(corpus, num_distractors=2, p_oracle=p_oracle, seed=seed, split_source=split_source)
+    return RaftEpochDataset(qa, builder, tok, max_length=96)
+
+
+def test_raft_oracle_split_is_logged_per_source(tmp_path):
+    tok = word_tokenizer()
+    ds = raft_dataset(tok, p_oracle=0.5, split_source=True, n_questions=8)
+    assert {e["source"] for e in ds.examples} == {"raft/oracle", "raft/no_oracle"}
+    model = tiny_model("llama", vocab_size=len(tok))
+    reference = tiny_model("llama", vocab_size=len(tok), attn="sdpa")
+    reference.load_state_dict(model.state_dict())
+    a = args(tmp_path, max_steps=1, max_length=96, per_device_train_batch_size=8, learning_rate=0.0)
+    trainer = RagTrainer(model=model, args=a, train_dataset=ds, processing_class=tok)
+    assert trainer.train_dataset is ds
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    assert len(trainer.get_train_dataloader()) == 1  # one step holds every example
+    for name in ("raft/oracle", "raft/no_oracle"):
+        loss_sum = hits = count = 0
+        for ex in (e for e in ds.examples if e["source"] == name):
+            batch = PackingCollator()([ex])
+            inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+            with torch.no_grad():
+                _, token_loss = causal_lm_loss(reference, inputs)
+                pred = reference(input_ids=batch["input_ids"]).logits[0].argmax(-1)
+            targets = batch["labels"][0, 1:] != -100
+            loss_sum += token_loss.sum().item()
+            hits += int((pred[:-1] == batch["labels"][0, 1:])[targets].sum())
+            count += int(targets.sum())
+        assert logged[f"loss/{name}"] == pytest.approx(loss_sum / count, rel=1e-4)
+        assert logged[f"accuracy/{name}"] == pytest.approx(hits / count, abs=1e-4)
