@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .attention import NAME as RAGKERN_ATTENTION
 from .collator import PackingCollator, PaddingCollator
 from .data.encode import IGNORE_INDEX
 from .data.prepare import EncodedDataset, encode_records
+from .data.raft import RaftEpochDataset
 from .loss import causal_lm_loss
-from .packing import PackedBatchSampler
+from .packing import PackedBatchSampler, pack_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +152,22 @@ def _use_boundary_aware_attention(model: torch.nn.Module, wanted: str) -> None:
 
 
 def _source_names(datasets: list) -> tuple[str, ...] | None:
-    """Sorted source tags of the encoded datasets (None when none of them is one of ours)."""
+    """Sorted source tags of the encoded datasets (None when none of them is one of ours).
+
+    A :class:`RaftEpochDataset` contributes every tag its later epochs can draw: its records' ``source``
+    (``"raft"`` by default, as :meth:`RaftBuilder.build` sets it), split ``/oracle`` and ``/no_oracle`` when the
+    builder has ``split_source``.
+    """
     ours = [d for d in datasets if isinstance(d, EncodedDataset)]
     if not ours:
         return None
-    return tuple(sorted({e.get("source", "default") for d in ours for e in d.examples}))
+    names = {e.get("source", "default") for d in ours for e in d.examples}
+    for d in ours:
+        if isinstance(d, RaftEpochDataset):
+            base = {r.get("source", "raft") for r in d.records}
+            split = ("/oracle", "/no_oracle") if d.builder.split_source else ("",)
+            names |= {b + tail for b in base for tail in split}
+    return tuple(sorted(names))
 
 
 def _target_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -190,6 +202,24 @@ def _example_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return index, mask, counts
 
 
+class _SamplerEpoch(TrainerCallback):
+    """Sets the train sampler's epoch at every epoch start.
+
+    ``Trainer`` does it too, but on a multi-rank resume accelerate's ``skip_first_batches`` wraps the
+    ``BatchSamplerShard`` around our sampler in a ``SkipBatchSampler``, and neither forwards ``set_epoch``: the
+    sampler would replay epoch 0's order (and, for per-epoch RAFT data, epoch 0's examples). ``state.epoch`` is
+    ``epoch + steps done / steps per epoch``, so its integer part is the epoch about to run.
+    """
+
+    def __init__(self, trainer: RagTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = self.trainer._train_sampler
+        if sampler is not None:
+            sampler.set_epoch(int(state.epoch or 0))
+
+
 class RagTrainer(Trainer):
     """A ``transformers.Trainer`` for retrieval-augmented fine-tuning, with the same constructor.
 
@@ -203,6 +233,9 @@ class RagTrainer(Trainer):
       * normalises the loss over the whole optimizer step (all micro-batches and ranks), by its target tokens
         (``loss_normalization="token"``), its examples (``"example"``: each example's mean token loss, averaged)
         or its sources (``"source"``: see :meth:`compute_loss`);
+      * re-draws a :class:`~ragkern.data.RaftEpochDataset` every epoch (new distractors, order, oracle draw) and
+        packs that epoch's bins, deterministically from the seed and epoch, so a resumed run and every rank see
+        the same data;
       * runs peft LoRA layers on the fused kernel (``fused_lora``, :func:`ragkern.lora.apply`);
       * logs ``fill_ratio``, ``tokens_per_second`` and ``target_tokens_per_second`` next to the loss, and, when
         the data mixes sources, ``loss/<source>`` (mean target-token loss) and ``accuracy/<source>`` (fraction
@@ -273,6 +306,7 @@ class RagTrainer(Trainer):
         self._source_window: tuple[torch.Tensor, ...] | None = None  # (loss sums, target counts, argmax hits)
         self._step_counts: torch.Tensor | None = None  # loss_normalization != "token": this step's divisors
         self._source_weight = self._check_source_weights()
+        self.add_callback(_SamplerEpoch(self))
         self._apply_fused_lora()
 
     def _check_source_weights(self) -> torch.Tensor | None:
@@ -324,6 +358,13 @@ class RagTrainer(Trainer):
     @staticmethod
     def _encode(dataset, tokenizer, args: RagTrainingArguments) -> EncodedDataset:
         """Records or tokenized examples -> an :class:`EncodedDataset` with every length <= max_length."""
+        if isinstance(dataset, RaftEpochDataset):
+            if dataset.max_length > args.max_length:
+                raise ValueError(
+                    f"the RaftEpochDataset encodes with max_length={dataset.max_length} > the trainer's "
+                    f"max_length={args.max_length}; build it with max_length <= {args.max_length}"
+                )
+            return dataset
         if isinstance(dataset, EncodedDataset):
             if max(dataset.lengths, default=0) <= args.max_length:
                 return dataset
@@ -358,7 +399,7 @@ class RagTrainer(Trainer):
         return out
 
     def _packed_dataloader(
-        self, dataset: EncodedDataset, bins_per_batch: int, shuffle: bool
+        self, dataset: EncodedDataset, bins_per_batch: int, shuffle: bool, **sampler_kwargs
     ) -> tuple[DataLoader, PackedBatchSampler]:
         args = self.args
         sampler = PackedBatchSampler(
@@ -369,6 +410,7 @@ class RagTrainer(Trainer):
             seed=args.data_seed if args.data_seed is not None else args.seed,
             num_replicas=args.world_size,
             rank=args.process_index,
+            **sampler_kwargs,
         )
         loader = DataLoader(
             dataset,
@@ -384,22 +426,64 @@ class RagTrainer(Trainer):
             shard.num_processes, shard.process_index = 1, 0
         return loader, sampler
 
+    def _epoch_sampler_kwargs(self, dataset: RaftEpochDataset) -> dict:
+        """Sampler options for data re-drawn every epoch: the same bin count every epoch (``Trainer`` counts
+        steps once), the most any epoch of this run needs, and the hook that switches the data per epoch.
+
+        The epochs' lengths are encoded up front (``lengths_for_epoch``): one extra tokenization pass per epoch,
+        lengths kept only. Every rank computes the same, from the builder's seed and the epoch.
+        """
+        args, world = self.args, self.args.world_size
+
+        def bins_needed(lengths) -> int:
+            return -(-len(pack_lengths(lengths, args.max_length)) // world) * world
+
+        def updates_per_epoch(num_bins: int) -> int:
+            batches = math.ceil(num_bins // world / args.per_device_train_batch_size)
+            return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+
+        first = bins_needed(dataset.lengths_for_epoch(0))
+        if args.max_steps > 0:  # more bins per epoch only lowers this count of epochs
+            epochs = math.ceil(args.max_steps / updates_per_epoch(first))
+        else:
+            epochs = math.ceil(args.num_train_epochs)
+        start = time.perf_counter()
+        needed = [first] + [bins_needed(dataset.lengths_for_epoch(e)) for e in range(1, max(epochs, 1))]
+        logger.info(
+            "RaftEpochDataset: bins per epoch %s for %d epoch(s) (lengths encoded in %.1fs); every epoch packs %d",
+            needed,
+            len(needed),
+            time.perf_counter() - start,
+            max(needed),
+        )
+
+        def switch(epoch: int) -> list[int]:
+            dataset.build_epoch(epoch)
+            return dataset.lengths
+
+        return {"num_bins": max(needed), "epoch_lengths": switch}
+
     def get_train_dataloader(self) -> DataLoader:
         if not self.args.packing:
             return super().get_train_dataloader()
         if self.train_dataset is None:
             raise ValueError("RagTrainer: training requires a train_dataset")
+        per_epoch = isinstance(self.train_dataset, RaftEpochDataset)
         loader, sampler = self._packed_dataloader(
-            self.train_dataset, self.args.per_device_train_batch_size, shuffle=True
+            self.train_dataset,
+            self.args.per_device_train_batch_size,
+            shuffle=True,
+            **(self._epoch_sampler_kwargs(self.train_dataset) if per_epoch else {}),
         )
         self._train_sampler = sampler
         self._window["start"] = time.perf_counter()
         logger.info(
-            "packed %d examples into %d bins of %d tokens (fill ratio %.4f)",
+            "packed %d examples into %d bins of %d tokens (fill ratio %.4f)%s",
             len(self.train_dataset),
             len(sampler.bins),
             self.args.max_length,
             sampler.fill_ratio,
+            "; RAFT examples re-drawn and re-packed every epoch" if per_epoch else "",
         )
         return loader
 

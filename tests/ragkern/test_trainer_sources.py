@@ -1,4 +1,6 @@
-"""RagTrainer: loss normalisation (token / example / source), per-source accuracy."""
+"""RagTrainer: loss normalisation (token / example / source), per-source accuracy, per-epoch RAFT re-sampling."""
+
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -53,6 +55,17 @@ class GradCapture(TrainerCallback):
 def max_rel_diff(a, b):
     assert a.keys() == b.keys() and a
     return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in a)
+
+
+@dataclass
+class Recording(PackingCollator):
+    """A PackingCollator that keeps the input_ids of every example of every batch it collates."""
+
+    seen: list = field(default_factory=list)
+
+    def __call__(self, examples):
+        self.seen.append([tuple(e["input_ids"]) for e in examples])
+        return super().__call__(examples)
 
 
 def tagged_examples():
@@ -227,3 +240,91 @@ def test_raft_oracle_split_is_logged_per_source(tmp_path):
             count += int(targets.sum())
         assert logged[f"loss/{name}"] == pytest.approx(loss_sum / count, rel=1e-4)
         assert logged[f"accuracy/{name}"] == pytest.approx(hits / count, abs=1e-4)
+
+
+def per_epoch_run(tmp_path, tok, *, out="out", resume=None, seed=3, **kw):
+    collator = Recording()
+    model = tiny_model("llama", vocab_size=len(tok), seed=0 if resume is None else 99)
+    a = args(
+        tmp_path,
+        output_dir=str(tmp_path / out),
+        max_length=96,
+        num_train_epochs=2,
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        **kw,
+    )
+    trainer = RagTrainer(
+        model=model,
+        args=a,
+        train_dataset=raft_dataset(tok, seed=seed),
+        processing_class=tok,
+        data_collator=collator,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, collator.seen
+
+
+def epoch_examples(tok, epoch, seed=3):
+    ds = raft_dataset(tok, seed=seed)
+    ds.build_epoch(epoch)
+    return sorted(tuple(e["input_ids"]) for e in ds.examples)
+
+
+def test_each_epoch_trains_its_own_raft_draw_once(tmp_path):
+    tok = word_tokenizer()
+    trainer, seen = per_epoch_run(tmp_path, tok)
+    steps = len(trainer.get_train_dataloader())
+    assert len(seen) == 2 * steps
+    first = sorted(x for batch in seen[:steps] for x in batch)
+    second = sorted(x for batch in seen[steps:] for x in batch)
+    assert first == epoch_examples(tok, 0) and second == epoch_examples(tok, 1)
+    # New distractors, order or oracle draw for most questions.
+    assert len(set(first) & set(second)) <= 2
+    # Epoch 0 needs 7 bins of 96 tokens and epoch 1 only 6: both are packed for themselves, and epoch 1 splits
+    # a bin so that every epoch has the same number of steps.
+    assert [len(pack_lengths(sorted(map(len, e)), 96)) for e in (first, second)] == [7, 6]
+    assert steps == 7
+
+    again = per_epoch_run(tmp_path, tok, out="again")[1]
+    assert again == seen  # same seed: same examples in the same order
+
+
+def test_resume_mid_second_epoch_matches_uninterrupted_run(tmp_path):
+    tok = word_tokenizer()
+    steps = len(
+        RagTrainer(
+            model=tiny_model("llama", vocab_size=len(tok)),
+            args=args(tmp_path, max_length=96, num_train_epochs=2),
+            train_dataset=raft_dataset(tok),
+            processing_class=tok,
+        ).get_train_dataloader()
+    )
+    save = steps + steps // 2  # a checkpoint in the middle of epoch 2
+    full, seen = per_epoch_run(tmp_path, tok, save_strategy="steps", save_steps=save)
+    resumed, seen_resumed = per_epoch_run(
+        tmp_path, tok, out="resumed", resume=str(tmp_path / "out" / f"checkpoint-{save}")
+    )
+    assert seen_resumed == seen[save:]
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_epoch_start_reaches_the_sampler_whatever_wraps_it(tmp_path):
+    """On a multi-rank resume accelerate puts the sampler behind SkipBatchSampler(BatchSamplerShard(...)), which
+    do not forward set_epoch; RagTrainer sets the epoch at every epoch start itself."""
+    from transformers import TrainerState
+
+    tok = word_tokenizer()
+    ds = raft_dataset(tok)
+    trainer = RagTrainer(
+        model=tiny_model("llama", vocab_size=len(tok)),
+        args=args(tmp_path, max_length=96, num_train_epochs=2),
+        train_dataset=ds,
+        processing_class=tok,
+    )
+    trainer.get_train_dataloader()
+    trainer.callback_handler.on_epoch_begin(trainer.args, TrainerState(epoch=1.5), trainer.control)
+    assert ds.epoch == 1 and sorted(tuple(e["input_ids"]) for e in ds.examples) == epoch_examples(tok, 1)
+    assert trainer._train_sampler.epoch == 1
+    assert sorted(trainer._train_sampler.lengths.tolist()) == sorted(ds.lengths)
