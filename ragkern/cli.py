@@ -11,7 +11,9 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    metrics = run_demo(output_dir=args.output_dir, seed=args.seed, quick=args.quick)
+    metrics = run_demo(
+        output_dir=args.output_dir, seed=args.seed, quick=args.quick, block_attention=args.block_attention
+    )
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
     return 0
 
@@ -142,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="ragkern-demo", help="where the model and metrics.json go")
     demo.add_argument("--seed", type=int, default=0, help="seed of the task generator and training")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke run, not a result)")
+    demo.add_argument(
+        "--block-attention",
+        action="store_true",
+        help=(
+            "train with the passage block mask and report accuracy with a full prefill vs reused passage KV "
+            "caches, and the prefill tokens saved"
+        ),
+    )
     demo.set_defaults(func=_demo)
 
     selftest = sub.add_parser(

@@ -1,29 +1,33 @@
 """``ragkern demo``: train a tiny Llama on CPU to answer from its oracle passage, and measure whether it does.
 
-The task (fictional facts, drawn fresh per record so that only reading can answer)::
+The task (fictional facts, values drawn fresh per record so that only reading can answer)::
 
     Passages:
-    [1] dovak mipel           <- each passage: a fictional name and its code word
-    [2] zurin talop           <- the names and the codes of one record are distinct, so
-    [3] kemod vasur              the answer's code is in its oracle passage and in no distractor
-    [4] lofin budek
-    Question: kemod ?         -> answer "kemod vasur"   (oracle = [2], 0-based)
+    [1] barof star besir      <- each passage: a fictional name, a relation, a fictional value
+    [2] vubad metal pimud     <- the passages of a record state different relations; every value is
+    [3] rakud river bizog        drawn fresh from its relation's words, so the answer is in the
+    [4] kobok song redon         oracle passage and nowhere else, and cannot be memorised
+    Question: vubad metal ?   -> answer "metal pimud"   (oracle = [1], 0-based)
 
-Codes are re-drawn for every record, so memorising facts cannot help: the model must find the question's
-name among the passages and copy the word after it. The answer repeats the name first, so the code is
-predicted right after the name, as in the passage (an induction pattern: find the earlier occurrence of
-the current token, copy the next one). A model that copies a random passage's code scores 1 / num_passages
-(chance); exact match counts the whole answer.
+The model must find the passage that states the asked relation and copy its value. The answer repeats the
+relation first, so the value is predicted right after the relation word. Copying a random passage's value
+scores 1 / num_passages (``chance``); guessing a value of the right relation without reading scores about
+1 / values_per_relation. ``accuracy_without_oracle`` re-asks the held-out questions with the oracle passage
+removed: a model that reads falls to about zero there.
 
-The recipe (:class:`DemoRecipe`): a 2-layer Llama (hidden 128, tied embeddings), a small vocabulary, a soft
-curriculum (training records have 1..num_passages passages), a high peak learning rate with warm-up and
-cosine decay, packed rows of short examples through :class:`ragkern.RagTrainer`, one CPU thread (tiny
-matrices; on a shared machine more threads mostly wait for each other).
+The recipe (:class:`DemoRecipe`): a 3-layer Llama (hidden 128, tied embeddings), a word-level vocabulary of
+~180 tokens, a soft curriculum (training records have 1..num_passages passages), peak learning rate 3e-3 with
+10% warm-up and cosine decay, 1,200 steps of one packed 512-token row (~15 examples) through
+:class:`ragkern.RagTrainer`, one CPU thread (tiny matrices; on a shared machine more threads mostly wait for
+each other). Measured: held-out accuracy rises from 0 to near 1 after about 700-1,000 steps (the learning
+curve in metrics.json shows where a run stands). Peak learning rate 1e-2 did not learn at all in 2,000 steps,
+and a harder variant where all passages of a record share one relation (so only the name tells the oracle
+apart, an induction pattern) stayed near 0.1 after 2,000 steps: that phase transition needs more compute than
+a 3-minute CPU demo has.
 
-Status (measured on a heavily shared 2-core machine, 1,500-2,000 steps): held-out accuracy rises from 0 to
-about chance (0.2-0.3 with 4 passages): the model learns to copy *a* passage's code, but matching the
-question's name to its passage has not formed within that many steps. The learning curve in metrics.json
-shows where a run stands.
+``--block-attention`` trains with the passage block mask and then answers the held-out questions twice: with
+a full block-masked prefill, and with each passage's KV cache encoded once and reused
+(:mod:`ragkern.inference`), reporting both accuracies and the prefill tokens saved.
 """
 
 from __future__ import annotations
@@ -50,23 +54,29 @@ class DemoRecipe:
 
     num_passages: int = 4  # passages per evaluation record; chance = 1 / num_passages
     min_train_passages: int = 1  # training records draw 1..num_passages passages: a soft curriculum
-    num_names: int = 24  # fictional names (question keys)
-    num_codes: int = 24  # code words (answers); disjoint from the names
+    num_names: int = 24  # fictional names
+    num_relations: int = 8  # relations (city, color, ...); each passage of a record states a different one
+    distinct_relations: bool = True
+    values_per_relation: int = 12  # fictional values per relation (answers), drawn fresh per record
     train_records: int = 12_000  # encoded once (about 10 s); steps beyond one epoch reshuffle them
     eval_records: int = 300  # held-out, distinct records
     curve_records: int = 100  # held-out records scored at each learning-curve point
     curve_points: int = 6
     hidden_size: int = 128
-    num_layers: int = 2
+    num_layers: int = 3
     num_heads: int = 4
     intermediate_size: int = 256
-    max_steps: int = 2000
+    max_steps: int = 1200
     bins_per_step: int = 1
     max_length: int = 512  # tokens per packed bin
-    learning_rate: float = 1e-2
+    learning_rate: float = 3e-3
+    lr_scheduler_type: str = "constant_with_warmup"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+RELATIONS = ("city", "color", "river", "metal", "tree", "ship", "song", "star")
 
 
 def _words(n: int, rng: random.Random, taken: set[str]) -> list[str]:
@@ -85,10 +95,31 @@ def _words(n: int, rng: random.Random, taken: set[str]) -> list[str]:
     return out
 
 
-def task_vocabulary(recipe: DemoRecipe) -> tuple[list[str], list[str]]:
-    """(names, codes): fixed word lists of the task, disjoint, drawn from a fixed seed."""
-    rng, taken = random.Random(1234), {"passages", "question"}
-    return _words(recipe.num_names, rng, taken), _words(recipe.num_codes, rng, taken)
+@dataclass(frozen=True)
+class TaskVocabulary:
+    """The task's fixed word lists: fictional ``names``, English ``relations`` and, per relation, its
+    fictional ``values`` (disjoint across relations, so a value's relation is known from the word)."""
+
+    names: tuple[str, ...]
+    relations: tuple[str, ...]
+    values: dict[str, tuple[str, ...]]
+
+    def words(self) -> list[str]:
+        return [*self.names, *self.relations, *(v for r in self.relations for v in self.values[r])]
+
+
+def task_vocabulary(recipe: DemoRecipe) -> TaskVocabulary:
+    """The task's words, drawn from a fixed seed (independent of the run's seed)."""
+    if not 1 <= recipe.num_passages <= recipe.num_relations <= len(RELATIONS):
+        raise ValueError(
+            f"need 1 <= num_passages ({recipe.num_passages}) <= num_relations ({recipe.num_relations}) "
+            f"<= {len(RELATIONS)}"
+        )
+    rng, taken = random.Random(1234), {"passages", "question", *RELATIONS}
+    relations = RELATIONS[: recipe.num_relations]
+    names = tuple(_words(recipe.num_names, rng, taken))
+    values = {r: tuple(_words(recipe.values_per_relation, rng, taken)) for r in relations}
+    return TaskVocabulary(names, relations, values)
 
 
 def make_records(
@@ -97,27 +128,34 @@ def make_records(
     """``n`` RAFT records ``{"question", "passages", "answer", "oracle"}``, deterministic in ``seed``.
 
     ``num_passages`` is an int, or a range ``(lo, hi)`` drawn per record (default: ``recipe.num_passages``).
-    Every record draws distinct names and distinct codes, so its answer occurs only in the oracle passage.
+    A record's passages state facts about distinct names with distinct relations; every value is drawn
+    fresh, so the answer occurs only in the oracle passage and cannot be memorised.
     """
     recipe = recipe or DemoRecipe()
-    names, codes = task_vocabulary(recipe)
-    lo, hi = (num_passages, num_passages) if isinstance(num_passages, int) else (num_passages or (0, 0))
+    vocab = task_vocabulary(recipe)
     if num_passages is None:
-        lo = hi = recipe.num_passages
-    if not 1 <= lo <= hi <= min(len(names), len(codes)):
-        raise ValueError(f"num_passages={num_passages} must be >= 1 and at most the number of names/codes")
+        num_passages = recipe.num_passages
+    lo, hi = (num_passages, num_passages) if isinstance(num_passages, int) else num_passages
+    if not 1 <= lo <= hi <= len(vocab.relations):
+        raise ValueError(f"num_passages={num_passages} must be >= 1 and at most {len(vocab.relations)}")
     rng = random.Random(seed)
     records = []
     for _ in range(n):
         k = rng.randint(lo, hi)
-        keys, values = rng.sample(names, k), rng.sample(codes, k)
-        oracle = rng.randrange(k)
+        names = rng.sample(vocab.names, k)
+        if recipe.distinct_relations:
+            relations = rng.sample(vocab.relations, k)
+            values = [rng.choice(vocab.values[r]) for r in relations]
+        else:  # one relation for the whole record: only the name tells the oracle apart
+            relations = [rng.choice(vocab.relations)] * k
+            values = rng.sample(vocab.values[relations[0]], k)
+        o = rng.randrange(k)
         records.append(
             {
-                "question": f"{keys[oracle]} ?",
-                "passages": [f"{a} {b}" for a, b in zip(keys, values)],
-                "answer": f"{keys[oracle]} {values[oracle]}",
-                "oracle": [oracle],
+                "question": f"{names[o]} {relations[o]} ?",
+                "passages": [f"{a} {r} {v}" for a, r, v in zip(names, relations, values)],
+                "answer": f"{relations[o]} {values[o]}",
+                "oracle": [o],
             }
         )
     return records
@@ -125,8 +163,7 @@ def make_records(
 
 def build_tokenizer(recipe: DemoRecipe | None = None):
     """The demo's offline word-level tokenizer (special tokens, punctuation, the task's words)."""
-    names, codes = task_vocabulary(recipe or DemoRecipe())
-    return build_word_tokenizer(["passages", "question", *names, *codes])
+    return build_word_tokenizer(["passages", "question", *task_vocabulary(recipe or DemoRecipe()).words()])
 
 
 def build_model(tokenizer, recipe: DemoRecipe, seed: int) -> LlamaForCausalLM:
@@ -182,6 +219,7 @@ def run_demo(
     recipe: DemoRecipe | None = None,
     quiet: bool = False,
     num_threads: int | None = 1,
+    block_attention: bool = False,
 ) -> dict:
     """Train the demo model with :class:`ragkern.RagTrainer` and report held-out answer accuracy.
 
@@ -189,18 +227,36 @@ def run_demo(
     Writes the model and tokenizer (safetensors) and ``metrics.json`` to ``output_dir``; returns the metrics:
     ``accuracy_before``, ``accuracy_after``, ``chance``, ``fill_ratio``, ``tokens_per_second``,
     ``learning_curve`` and timings. ``num_threads`` sets torch's CPU threads for the run (None: unchanged).
+
+    ``accuracy_without_oracle`` scores the same held-out questions with their oracle passage removed: a model
+    that answers from the passage falls to about zero there.
+
+    ``block_attention=True`` trains with the passage block mask (each passage attends only to itself) and
+    adds ``cache_reuse``: accuracy with a full block-masked prefill vs with passage KV caches encoded once and
+    reused (:func:`ragkern.inference.evaluate_cache_reuse`), and the prefill tokens saved.
     """
     threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _run_demo(Path(output_dir), seed, quick, max_steps, recipe or DemoRecipe(), quiet)
+        return _run_demo(Path(output_dir), seed, quick, max_steps, recipe or DemoRecipe(), quiet, block_attention)
     finally:
         torch.set_num_threads(threads)
 
 
+def _without_oracle(record: dict) -> dict:
+    (o,) = record["oracle"]
+    return {**record, "passages": record["passages"][:o] + record["passages"][o + 1 :], "oracle": []}
+
+
 def _run_demo(
-    out: Path, seed: int, quick: bool, max_steps: int | None, recipe: DemoRecipe, quiet: bool
+    out: Path,
+    seed: int,
+    quick: bool,
+    max_steps: int | None,
+    recipe: DemoRecipe,
+    quiet: bool,
+    block_attention: bool,
 ) -> dict:
     from . import RagTrainer, RagTrainingArguments
 
@@ -242,7 +298,7 @@ def _run_demo(
         per_device_train_batch_size=recipe.bins_per_step,
         max_length=recipe.max_length,
         learning_rate=recipe.learning_rate,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=max(1, round(recipe.warmup_ratio * steps)),
         weight_decay=recipe.weight_decay,
         logging_steps=max(1, steps // 10),
@@ -252,6 +308,7 @@ def _run_demo(
         use_cpu=True,
         disable_tqdm=quiet,
         dataloader_num_workers=0,
+        block_attention=block_attention,
         **recipe.extra,
     )
     trainer = RagTrainer(
@@ -263,11 +320,22 @@ def _run_demo(
 
     final = evaluate_answers(model, tokenizer, held_out, max_new_tokens=4)
     after = final["exact_match"]
+    no_oracle = evaluate_answers(
+        model, tokenizer, [_without_oracle(r) for r in held_out], max_new_tokens=4
+    )["exact_match"]
+    reuse = None
+    if block_attention:
+        from .inference import evaluate_cache_reuse
+
+        reuse = evaluate_cache_reuse(model, tokenizer, held_out, max_new_tokens=4)
     logs = trainer.state.log_history
     metrics = {
         "accuracy_before": before,
         "accuracy_after": after,
+        "accuracy_without_oracle": no_oracle,
         "chance": chance,
+        "block_attention": block_attention,
+        "cache_reuse": reuse,
         "num_passages": recipe.num_passages,
         "eval_records": len(held_out),
         "fill_ratio": next((h["fill_ratio"] for h in reversed(logs) if "fill_ratio" in h), None),
@@ -291,6 +359,15 @@ def _run_demo(
         f"held-out records | fill ratio {metrics['fill_ratio']} | {metrics['tokens_per_second']} tokens/s | "
         f"training {train_seconds:.0f} s, total {metrics['total_seconds']:.0f} s"
     )
+    say(f"control: accuracy with the oracle passage removed: {no_oracle:.3f} (the answer is only in it)")
+    if reuse is not None:
+        say(
+            f"block attention: accuracy with full prefill {reuse['exact_match_full_prefill']:.3f} vs reused passage "
+            f"caches {reuse['exact_match_cached']:.3f} (same answer on {reuse['agreement']:.1%}); prefill tokens "
+            f"{reuse['prefill_tokens_full']} -> {reuse['prefill_tokens_cached']} "
+            f"({reuse['prefill_saved_fraction']:.1%} saved; {reuse['passage_tokens_encoded']} passage tokens "
+            "encoded once, offline)"
+        )
     say(
         "learning curve (step, seconds, held-out accuracy): "
         + ", ".join(f"({p['step']}, {p['seconds']}, {p['accuracy']:.2f})" for p in curve.points)

@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 
@@ -76,6 +77,12 @@ class PassageCache:
         return int(self.input_ids.numel())
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` in newer transformers 5.x, ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _rotary(model: torch.nn.Module) -> torch.nn.Module:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
@@ -117,7 +124,7 @@ def encode_passage(model: torch.nn.Module, input_ids: torch.Tensor | list[int]) 
     if ids.numel() == 0:
         raise ValueError("a passage needs at least one token")
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+    model(input_ids=ids[None], use_cache=True, **{_cache_kwarg(model): cache})
     keys = [layer.keys[0].clone() for layer in cache.layers]  # (Hkv, L, D) each
     values = [layer.values[0].clone() for layer in cache.layers]
     return PassageCache(ids.cpu(), keys, values, model_fingerprint(model))
@@ -213,7 +220,7 @@ def prefill(
             ids = torch.as_tensor(seg, dtype=torch.long, device=device).reshape(1, -1)
             n = ids.shape[1]
             positions = torch.arange(pos, pos + n, device=device)[None]
-            out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, position_ids=positions, use_cache=True, **{_cache_kwarg(model): cache})
             logits = out.logits[0, -1]
             pos += n
             computed += n
@@ -241,9 +248,116 @@ def greedy_continue(
         step = model(
             input_ids=torch.tensor([[tok]], device=device),
             position_ids=torch.tensor([[pos]], device=device),
-            past_key_values=cache,
             use_cache=True,
+            **{_cache_kwarg(model): cache},
         )
         logits = step.logits[0, -1]
         pos += 1
     return out
+
+
+@torch.no_grad()
+def block_masked_greedy(
+    model: torch.nn.Module,
+    input_ids: list[int],
+    block_ids: list[int],
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int],
+) -> list[int]:
+    """Greedy answer with a full prefill of the whole prompt under the passage block mask (no cache reuse).
+
+    The reference that cache reuse must match: every step runs the prompt and the tokens generated so far
+    as one example, with ``block_ids`` (generated tokens are block 0), through the "ragkern" attention.
+    """
+    if len(input_ids) != len(block_ids) or not input_ids:
+        raise ValueError(f"{len(input_ids)} input_ids and {len(block_ids)} block_ids: need equal, non-zero")
+    if getattr(model.config, "_attn_implementation", None) != "ragkern":
+        raise ValueError(
+            "block_masked_greedy needs the model on the 'ragkern' attention (the block mask is applied there); "
+            "call model.set_attn_implementation('ragkern')"
+        )
+    device = next(model.parameters()).device
+    ids, blocks, out = list(input_ids), list(block_ids), []
+    for _ in range(max_new_tokens):
+        n = len(ids)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+        logits = model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.arange(n, device=device)[None],
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=n,
+            max_length_k=n,
+            block_ids=torch.tensor([blocks], dtype=torch.int32, device=device),
+        ).logits[0, -1]
+        tok = int(logits.argmax())
+        if tok in stop_ids:
+            break
+        out.append(tok)
+        ids.append(tok)
+        blocks.append(0)
+    return out
+
+
+@torch.no_grad()
+def evaluate_cache_reuse(model: torch.nn.Module, tokenizer, records: list[dict], *, max_new_tokens: int = 16) -> dict:
+    """Answer RAFT ``records`` twice, with a full block-masked prefill and with reused passage caches.
+
+    Each distinct passage (its token ids, as the prompt renders it) is encoded once with
+    :func:`encode_passage` and reused by every query that lists it; at query time only block-0 tokens are run.
+    Returns exact match both ways, how often the two answers agree, and the prefill token counts::
+
+        {"exact_match_full_prefill", "exact_match_cached", "agreement", "count", "prompt_tokens",
+         "prefill_tokens_full", "prefill_tokens_cached", "prefill_saved_fraction", "passage_tokens_encoded"}
+    """
+    from .data import encode
+    from .evaluate import exact_match
+
+    if not records:
+        raise ValueError("evaluate_cache_reuse needs at least one record")
+    stop = set(tokenizer.all_special_ids)
+    was_training = model.training
+    model.eval()
+    store: dict[tuple[int, ...], PassageCache] = {}
+    full_ok = cached_ok = agree = prompt_tokens = computed_tokens = encoded_tokens = 0
+    try:
+        for i, record in enumerate(records):
+            ex = encode(record, tokenizer)
+            cut = next((j for j, lab in enumerate(ex["labels"]) if lab != -100), None)
+            if cut is None:
+                raise ValueError(f"record {i} has no answer tokens to evaluate")
+            ids, blocks = ex["input_ids"][:cut], ex["block_ids"][:cut]
+            full = block_masked_greedy(model, ids, blocks, max_new_tokens=max_new_tokens, stop_ids=stop)
+            segments: list = []
+            for block, toks in segments_from_block_ids(ids, blocks):
+                if block == 0:
+                    segments.append(toks)
+                    continue
+                key = tuple(toks)
+                if key not in store:
+                    store[key] = encode_passage(model, toks)
+                    encoded_tokens += len(toks)
+                segments.append(store[key])
+            cache, logits, computed = prefill(model, segments)
+            cached = greedy_continue(model, cache, logits, max_new_tokens=max_new_tokens, stop_ids=stop)
+            answer = record["answer"]
+            full_ok += exact_match(tokenizer.decode(full, skip_special_tokens=True), answer)
+            cached_ok += exact_match(tokenizer.decode(cached, skip_special_tokens=True), answer)
+            agree += full == cached
+            prompt_tokens += len(ids)
+            computed_tokens += computed
+    finally:
+        model.train(was_training)
+    n = len(records)
+    return {
+        "exact_match_full_prefill": full_ok / n,
+        "exact_match_cached": cached_ok / n,
+        "agreement": agree / n,
+        "count": n,
+        "prompt_tokens": prompt_tokens,
+        "prefill_tokens_full": prompt_tokens,
+        "prefill_tokens_cached": computed_tokens,
+        "prefill_saved_fraction": 1.0 - computed_tokens / prompt_tokens,
+        "passage_tokens_encoded": encoded_tokens,
+    }

@@ -17,30 +17,45 @@ def test_records_are_deterministic():
 
 
 @pytest.mark.parametrize("num_passages", [1, 3, 4, (1, 4)], ids=str)
-def test_answer_only_in_oracle_passage(num_passages):
-    records = make_records(500, seed=0, num_passages=num_passages)
-    names, codes = task_vocabulary(DemoRecipe())
-    assert not set(names) & set(codes)
+@pytest.mark.parametrize("distinct", [True, False], ids=["distinct", "shared"])
+def test_answer_only_in_oracle_passage(num_passages, distinct):
+    recipe = DemoRecipe(distinct_relations=distinct)
+    records = make_records(500, seed=0, num_passages=num_passages, recipe=recipe)
+    vocab = task_vocabulary(recipe)
+    assert not set(vocab.names) & set(vocab.relations)
+    all_values = [set(vocab.values[r]) for r in vocab.relations]
+    assert all(not a & b for i, a in enumerate(all_values) for b in all_values[i + 1 :])
     for r in records:
         (oracle,) = r["oracle"]
-        name, code = r["answer"].split()
-        assert r["question"].split()[0] == name and code in codes
+        relation, value = r["answer"].split()
+        assert value in vocab.values[relation]
+        name = r["question"].split()[0]
+        assert r["question"].split() == [name, relation, "?"]
         words = [p.split() for p in r["passages"]]
-        assert words[oracle] == [name, code]
+        assert words[oracle] == [name, relation, value]
+        relations = [w[1] for w in words]
+        assert len(set(relations)) == (len(words) if distinct else 1)
         for k, w in enumerate(words):
             if k != oracle:
-                assert code not in w and name not in w  # distractors: other names, other codes
+                assert value not in w and name not in w  # distractors: other names, other values
         lo, hi = (num_passages, num_passages) if isinstance(num_passages, int) else num_passages
         assert lo <= len(r["passages"]) <= hi
 
 
 def test_answers_are_fresh_per_record():
-    """Values are re-drawn per record: a name's code changes between records (nothing to memorise)."""
-    seen: dict[str, set[str]] = {}
-    for r in make_records(2000, seed=1):
-        name, code = r["answer"].split()
-        seen.setdefault(name, set()).add(code)
+    """Values are re-drawn per record: a (name, relation)'s value changes between records."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for r in make_records(4000, seed=1):
+        relation, value = r["answer"].split()
+        seen.setdefault((r["question"].split()[0], relation), set()).add(value)
     assert sum(len(v) > 1 for v in seen.values()) > 0.9 * len(seen)
+
+
+def test_bad_task_sizes_are_refused():
+    with pytest.raises(ValueError, match="num_passages"):
+        task_vocabulary(DemoRecipe(num_passages=9))
+    with pytest.raises(ValueError, match="num_passages"):
+        make_records(3, seed=0, num_passages=(0, 2))
 
 
 def test_records_encode_with_the_demo_tokenizer():
@@ -63,12 +78,31 @@ def test_run_demo_smoke(tmp_path):
         "tokens_per_second",
         "learning_curve",
         "chance",
+        "accuracy_without_oracle",
     ):
         assert key in saved
     assert saved["accuracy_after"] == metrics["accuracy_after"]
     assert 0.0 <= saved["accuracy_after"] <= 1.0 and saved["chance"] == 0.25
     assert 0.0 < saved["fill_ratio"] <= 1.0 and saved["tokens_per_second"] > 0
     assert [p["step"] for p in saved["learning_curve"]] == [2, 3]
+    assert saved["cache_reuse"] is None and saved["block_attention"] is False
     assert (tmp_path / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(model(input_ids=torch.tensor([[2, 4, 5]])).logits, torch.Tensor)
+
+
+def test_run_demo_block_attention_reports_cache_reuse(tmp_path):
+    recipe = DemoRecipe(train_records=100, eval_records=12, curve_records=4, curve_points=1)
+    metrics = run_demo(tmp_path, seed=1, max_steps=2, recipe=recipe, quiet=True, block_attention=True)
+    reuse = metrics["cache_reuse"]
+    assert metrics["block_attention"] is True and reuse["count"] == 12
+    # Reused caches reproduce the block-masked prefill (exactly equal logits are tested in test_block_attention;
+    # an untrained model's near-tied logits may flip an argmax rarely).
+    assert reuse["agreement"] >= 0.9
+    assert abs(reuse["exact_match_cached"] - reuse["exact_match_full_prefill"]) <= 1 - reuse["agreement"]
+    # At query time only block-0 tokens (header, markers outside passages, question) are computed.
+    assert 0 < reuse["prefill_tokens_cached"] < reuse["prefill_tokens_full"]
+    assert reuse["prefill_saved_fraction"] == pytest.approx(
+        1 - reuse["prefill_tokens_cached"] / reuse["prefill_tokens_full"]
+    )
+    assert reuse["passage_tokens_encoded"] > 0
