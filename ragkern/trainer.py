@@ -19,7 +19,7 @@ from .data.encode import IGNORE_INDEX
 from .data.prepare import EncodedDataset, encode_records
 from .data.raft import RaftEpochDataset
 from .loss import causal_lm_loss
-from .packing import PackedBatchSampler, pack_lengths
+from .packing import PackedBatchSampler, PackedIterableDataset, pack_lengths, stream_dataloader
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,10 @@ def _source_names(datasets: list) -> tuple[str, ...] | None:
     (``"raft"`` by default, as :meth:`RaftBuilder.build` sets it), split ``/oracle`` and ``/no_oracle`` when the
     builder has ``split_source``.
     """
+    streams = [d for d in datasets if isinstance(d, PackedIterableDataset)]
+    if streams:  # a stream's tags cannot be read ahead: it declares them (None: no per-source logging)
+        declared = {n for d in streams if d.source_names for n in d.source_names}
+        return tuple(sorted(declared)) if declared else None
     ours = [d for d in datasets if isinstance(d, EncodedDataset)]
     if not ours:
         return None
@@ -365,14 +369,21 @@ class RagTrainer(Trainer):
                     f"max_length={args.max_length}; build it with max_length <= {args.max_length}"
                 )
             return dataset
+        if isinstance(dataset, PackedIterableDataset):
+            if dataset.max_length > args.max_length:
+                raise ValueError(
+                    f"the PackedIterableDataset packs bins of {dataset.max_length} tokens > the trainer's "
+                    f"max_length={args.max_length}"
+                )
+            return dataset
         if isinstance(dataset, EncodedDataset):
             if max(dataset.lengths, default=0) <= args.max_length:
                 return dataset
             examples, stats = dataset.examples, dataset.stats
         elif isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError(
-                "RagTrainer packs a sized dataset (a list, datasets.Dataset or EncodedDataset); "
-                "materialise the iterable first (e.g. datasets.Dataset.from_generator)"
+                "RagTrainer packs a sized dataset (a list, datasets.Dataset or EncodedDataset) or a stream wrapped "
+                "in ragkern.packing.PackedIterableDataset (bounded-buffer packing; needs max_steps)"
             )
         elif len(dataset) and "input_ids" not in dataset[0]:
             if tokenizer is None:
@@ -468,6 +479,25 @@ class RagTrainer(Trainer):
             return super().get_train_dataloader()
         if self.train_dataset is None:
             raise ValueError("RagTrainer: training requires a train_dataset")
+        if isinstance(self.train_dataset, PackedIterableDataset):
+            # Not passed through accelerator.prepare: the dataset deals bins to ranks itself, and accelerate's
+            # batch dispatching would split packed rows. Trainer requires max_steps for a loader without length.
+            loader = stream_dataloader(
+                self.train_dataset,
+                self.data_collator,
+                bins_per_batch=self.args.per_device_train_batch_size,
+                rank=self.args.process_index,
+                world_size=self.args.world_size,
+                num_workers=self.args.dataloader_num_workers,
+            )
+            self._train_sampler = loader.dataset  # its fill_ratio grows as bins are emitted
+            self._window["start"] = time.perf_counter()
+            logger.info(
+                "packing a stream into bins of %d tokens (buffer %d examples)",
+                self.train_dataset.max_length,
+                self.train_dataset.buffer_size,
+            )
+            return loader
         per_epoch = isinstance(self.train_dataset, RaftEpochDataset)
         loader, sampler = self._packed_dataloader(
             self.train_dataset,

@@ -208,3 +208,67 @@ def test_stream_dataloader_deals_rows_to_ranks_and_forwards_set_epoch():
         loader.set_epoch(1)  # Trainer does this every epoch: the RAFT stream re-draws its distractors
     again = [list(loader) for loader in loaders]
     assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(rows[0], again[0]))
+
+
+def test_rag_trainer_trains_a_packed_stream_like_a_plain_trainer(tmp_path):
+    """RagTrainer takes a PackedIterableDataset: same rows (and so the same losses) as the plain-Trainer path."""
+    from transformers import Trainer, TrainingArguments
+
+    from ragkern import RagTrainer, RagTrainingArguments
+
+    tok = word_tokenizer()
+
+    def run(rag: bool) -> tuple[list[float], list[dict]]:
+        stream = EncodedStream(
+            datasets.IterableDataset.from_generator(lambda: iter(_records(40))), tok, max_length=64
+        )
+        train = PackedIterableDataset(stream, 64, buffer_size=8)
+        common = dict(
+            output_dir=str(tmp_path / str(rag)),
+            max_steps=3,
+            per_device_train_batch_size=1,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=0,
+        )
+        model = tiny_model("llama", vocab_size=len(tok)).train()
+        if rag:
+            args = RagTrainingArguments(max_length=64, fused_loss=False, **common)
+            trainer = RagTrainer(model=model, args=args, train_dataset=train)
+        else:
+            model.set_attn_implementation("ragkern")
+            args = TrainingArguments(
+                remove_unused_columns=False, accelerator_config={"dispatch_batches": False}, **common
+            )
+            trainer = Trainer(
+                model=model, args=args, train_dataset=train, data_collator=BinCollator(PackingCollator())
+            )
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        return [h["loss"] for h in logs], logs
+
+    rag_losses, rag_logs = run(True)
+    plain_losses, _ = run(False)
+    assert len(rag_losses) == 3
+    assert rag_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert all(0 < h["fill_ratio"] <= 1 for h in rag_logs)
+
+
+def test_rag_trainer_refuses_a_stream_packed_longer_than_max_length(tmp_path):
+    from ragkern import RagTrainer, RagTrainingArguments
+
+    tok = word_tokenizer()
+    stream = EncodedStream(_records(4), tok, max_length=64)
+    args = RagTrainingArguments(
+        output_dir=str(tmp_path), max_length=32, max_steps=1, report_to=[], use_cpu=True
+    )
+    with pytest.raises(ValueError, match="max_length=32"):
+        RagTrainer(
+            model=tiny_model("llama", vocab_size=len(tok)),
+            args=args,
+            train_dataset=PackedIterableDataset(stream, 64),
+        )
