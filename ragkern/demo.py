@@ -239,7 +239,9 @@ def run_demo(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _run_demo(Path(output_dir), seed, quick, max_steps, recipe or DemoRecipe(), quiet, block_attention)
+        return _run_demo(
+            Path(output_dir), seed, quick, max_steps, recipe or DemoRecipe(), quiet, block_attention
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -320,9 +322,9 @@ def _run_demo(
 
     final = evaluate_answers(model, tokenizer, held_out, max_new_tokens=4)
     after = final["exact_match"]
-    no_oracle = evaluate_answers(
-        model, tokenizer, [_without_oracle(r) for r in held_out], max_new_tokens=4
-    )["exact_match"]
+    no_oracle = evaluate_answers(model, tokenizer, [_without_oracle(r) for r in held_out], max_new_tokens=4)[
+        "exact_match"
+    ]
     reuse = None
     if block_attention:
         from .inference import evaluate_cache_reuse

@@ -301,7 +301,9 @@ def block_masked_greedy(
 
 
 @torch.no_grad()
-def evaluate_cache_reuse(model: torch.nn.Module, tokenizer, records: list[dict], *, max_new_tokens: int = 16) -> dict:
+def evaluate_cache_reuse(
+    model: torch.nn.Module, tokenizer, records: list[dict], *, max_new_tokens: int = 16
+) -> dict:
     """Answer RAFT ``records`` twice, with a full block-masked prefill and with reused passage caches.
 
     Each distinct passage (its token ids, as the prompt renders it) is encoded once with
