@@ -39,6 +39,7 @@ def test_num_proc_runs_agree_with_encode_records(bench, tmp_path):
     assert one["output"]["labels"] == two["output"]["labels"]
     assert 200 < one["mean_tokens_per_record"] < 400  # calibrated to about 300 tokens
     assert 0 < one["target_tokens"] < one["tokens"] and one["records_per_s"] > 0
+    assert one["cpu_seconds"] > 0 and two["cpu_seconds"] > 0
     # the map function is the project's encode path, record for record
     words = bench.pseudo_words(5000)
     tok = bench.build_tokenizer(words, vocab_size=600, text_words=20_000)
