@@ -59,7 +59,8 @@ class RagTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Run peft LoRA Linear layers on ragkern.kernels.lora_linear. None: when the model is on CUDA "
-            "(Triton); True: also on CPU (fused torch path); False: never."
+            "(Triton); True: also on CPU (fused torch path); False: never. The model's layers stay switched after "
+            "training (same outputs, saved files are peft's own); ragkern.lora.remove(model) switches them back."
         },
     )
     loss_normalization: str = field(
@@ -93,7 +94,13 @@ class RagTrainingArguments(TrainingArguments):
                 "averages target tokens, 'example' averages examples, 'source' weights sources by source_weights"
             )
         if isinstance(self.source_weights, str):
-            self.source_weights = json.loads(self.source_weights)
+            try:
+                self.source_weights = json.loads(self.source_weights)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"source_weights must be a JSON object of source tag -> weight, e.g. '{{\"raft\": 2}}'; "
+                    f"could not parse {self.source_weights!r}: {e}"
+                ) from None
         if self.source_weights is not None:
             if not isinstance(self.source_weights, dict):
                 raise ValueError(
@@ -102,7 +109,7 @@ class RagTrainingArguments(TrainingArguments):
             bad = {
                 k: v
                 for k, v in self.source_weights.items()
-                if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0)
+                if isinstance(v, bool) or not (isinstance(v, int | float) and math.isfinite(v) and v >= 0)
             }
             if bad or not any(v > 0 for v in self.source_weights.values()):
                 raise ValueError(
@@ -240,7 +247,8 @@ class RagTrainer(Trainer):
       * re-draws a :class:`~ragkern.data.RaftEpochDataset` every epoch (new distractors, order, oracle draw) and
         packs that epoch's bins, deterministically from the seed and epoch, so a resumed run and every rank see
         the same data;
-      * runs peft LoRA layers on the fused kernel (``fused_lora``, :func:`ragkern.lora.apply`);
+      * runs peft LoRA layers on the fused kernel (``fused_lora``, :func:`ragkern.lora.apply`; undone by
+        :func:`ragkern.lora.remove`);
       * logs ``fill_ratio``, ``tokens_per_second`` and ``target_tokens_per_second`` next to the loss, and, when
         the data mixes sources, ``loss/<source>`` (mean target-token loss) and ``accuracy/<source>`` (fraction
         of target tokens whose argmax prediction is the label) per example ``source``; RAFT examples built with
@@ -367,6 +375,11 @@ class RagTrainer(Trainer):
                 raise ValueError(
                     f"the RaftEpochDataset encodes with max_length={dataset.max_length} > the trainer's "
                     f"max_length={args.max_length}; build it with max_length <= {args.max_length}"
+                )
+            if args.strict_length and not dataset.strict:
+                raise ValueError(
+                    "strict_length=True, but the RaftEpochDataset trims and drops long examples of later epochs: "
+                    "build it with strict=True"
                 )
             return dataset
         if isinstance(dataset, PackedIterableDataset):
@@ -605,14 +618,17 @@ class RagTrainer(Trainer):
             return_hits=track,
         )
         in_step = num_items_in_batch is not None
-        if self.args.loss_normalization != "token":
+        per_token = self.args.loss_normalization == "token"
+        if not per_token:
             if self.args.loss_normalization == "source" and source_ids is None:
                 self._require_source_ids(inputs)
-            step_counts = self._step_counts if in_step else None
+            # Step counts belong to the training step being accumulated. transformers also passes
+            # num_items_in_batch at evaluation, where the last training step's counts would be wrong.
+            step_counts = self._step_counts if in_step and model.training else None
             loss = (token_loss * self._token_weights(inputs, source_ids, step_counts)).sum()
         if track:
             self._add_source_stats(token_loss.detach(), hits[0], inputs["labels"], source_ids)
-        if self.args.average_tokens_across_devices and in_step:
+        if self.args.average_tokens_across_devices and in_step and (per_token or model.training):
             # The step's divisors count every rank's targets while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, {"token_loss": token_loss}) if return_outputs else loss

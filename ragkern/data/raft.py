@@ -166,15 +166,27 @@ class RaftEpochDataset(EncodedDataset):
     an epoch's lengths without switching to it.
     """
 
-    def __init__(self, records, builder: RaftBuilder, tokenizer, *, max_length: int, epoch: int = 0):
+    def __init__(
+        self,
+        records,
+        builder: RaftBuilder,
+        tokenizer,
+        *,
+        max_length: int,
+        epoch: int = 0,
+        strict: bool = False,
+    ):
         self.records = load_records(records, kinds=("qa",), name="qa records")
         self.builder, self.tokenizer, self.max_length = builder, tokenizer, max_length
+        self.strict = strict  # raise on an example over max_length instead of trimming/dropping and counting
         self.epoch = None
         self.build_epoch(epoch)
 
     def _encode(self, epoch: int) -> EncodedDataset:
         raft = self.builder.build_all(self.records, epoch=epoch)
-        return encode_records(raft, self.tokenizer, max_length=self.max_length, show_progress=False)
+        return encode_records(
+            raft, self.tokenizer, max_length=self.max_length, strict=self.strict, show_progress=False
+        )
 
     def build_epoch(self, epoch: int) -> None:
         if epoch == self.epoch:

@@ -156,13 +156,28 @@ def test_normalisation_is_invariant_to_gradient_accumulation(tmp_path, mode):
     assert max_rel_diff(grads[2], grads[1]) < 1e-5
 
 
-def test_eval_loss_uses_the_normalisation_per_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["example", "source"])
+def test_eval_loss_uses_the_normalisation_per_batch(tmp_path, mode):
     examples = tagged_examples()
     model = tiny_model("llama")
-    a = args(tmp_path, max_length=64, loss_normalization="example")
-    metrics = RagTrainer(model=model, args=a, train_dataset=examples, eval_dataset=examples).evaluate()
-    # 60 tokens: one row, so the eval loss is that row's mean of per-example means.
-    assert metrics["eval_loss"] == pytest.approx(reference_loss(model, examples, "example").item(), rel=1e-5)
+    # One training step first (learning rate 0) over all 7 examples: its step counts must not leak into the
+    # evaluation, whose batches are single bins of a few examples each.
+    a = args(
+        tmp_path,
+        max_length=32,
+        loss_normalization=mode,
+        learning_rate=0.0,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        per_device_eval_batch_size=1,
+    )
+    trainer = RagTrainer(model=model, args=a, train_dataset=examples, eval_dataset=examples)
+    trainer.train()
+    metrics = trainer.evaluate()
+    bins = pack_lengths([len(e["input_ids"]) for e in examples], 32)
+    assert len(bins) == 2
+    per_bin = [reference_loss(model, [examples[i] for i in b], mode).item() for b in bins]
+    assert metrics["eval_loss"] == pytest.approx(sum(per_bin) / len(per_bin), rel=1e-5)
 
 
 def test_bad_normalisation_options_raise(tmp_path):
@@ -328,3 +343,15 @@ def test_epoch_start_reaches_the_sampler_whatever_wraps_it(tmp_path):
     assert ds.epoch == 1 and sorted(tuple(e["input_ids"]) for e in ds.examples) == epoch_examples(tok, 1)
     assert trainer._train_sampler.epoch == 1
     assert sorted(trainer._train_sampler.lengths.tolist()) == sorted(ds.lengths)
+
+
+def test_strict_length_needs_a_strict_raft_epoch_dataset(tmp_path):
+    tok = word_tokenizer()
+    corpus, qa = raft_qa(n_questions=4)
+    lenient = RaftEpochDataset(qa, RaftBuilder(corpus, num_distractors=2, seed=3), tok, max_length=96)
+    a = args(tmp_path, max_steps=1, max_length=96, strict_length=True)
+    with pytest.raises(ValueError, match="build it with strict=True"):
+        RagTrainer(model=tiny_model("llama", vocab_size=len(tok)), args=a, train_dataset=lenient)
+    # strict: an example over max_length raises (naming it) instead of being trimmed or dropped.
+    with pytest.raises(ValueError, match="max_length"):
+        RaftEpochDataset(qa, RaftBuilder(corpus, num_distractors=2, seed=3), tok, max_length=12, strict=True)
