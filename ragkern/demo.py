@@ -16,18 +16,21 @@ scores 1 / num_passages (``chance``); guessing a value of the right relation wit
 removed: a model that reads falls to about zero there.
 
 The recipe (:class:`DemoRecipe`): a 3-layer Llama (hidden 128, tied embeddings), a word-level vocabulary of
-~180 tokens, a soft curriculum (training records have 1..num_passages passages), peak learning rate 3e-3 with
-10% warm-up and cosine decay, 1,200 steps of one packed 512-token row (~15 examples) through
+~180 tokens, a soft curriculum (training records have 1..num_passages passages), learning rate 3e-3 held
+constant after 10% warm-up, 1,200 steps of one packed 512-token row (~15 examples) through
 :class:`ragkern.RagTrainer`, one CPU thread (tiny matrices; on a shared machine more threads mostly wait for
-each other). Measured: held-out accuracy rises from 0 to near 1 after about 700-1,000 steps (the learning
-curve in metrics.json shows where a run stands). Peak learning rate 1e-2 did not learn at all in 2,000 steps,
+each other). Measured (seeds 0 and 1): held-out accuracy rises from 0 to 0.84-1.0 by step 600 and ends at
+0.90 / 1.00 (the learning curve in metrics.json shows where a run stands); with cosine decay over the same
+1,200 steps one run stopped at 0.54. Peak learning rate 1e-2 did not learn at all in 2,000 steps,
 and a harder variant where all passages of a record share one relation (so only the name tells the oracle
 apart, an induction pattern) stayed near 0.1 after 2,000 steps: that phase transition needs more compute than
 a 3-minute CPU demo has.
 
 ``--block-attention`` trains with the passage block mask and then answers the held-out questions twice: with
 a full block-masked prefill, and with each passage's KV cache encoded once and reused
-(:mod:`ragkern.inference`), reporting both accuracies and the prefill tokens saved.
+(:mod:`ragkern.inference`), reporting both accuracies and the prefill tokens saved (``cache_reuse``).
+``accuracy_after`` is then measured with ordinary full attention (no block mask), which the model was not
+trained for: compare it with ``cache_reuse["exact_match_full_prefill"]``.
 """
 
 from __future__ import annotations

@@ -310,11 +310,12 @@ def evaluate_cache_reuse(
     :func:`encode_passage` and reused by every query that lists it; at query time only block-0 tokens are run.
     Returns exact match both ways, how often the two answers agree, and the prefill token counts::
 
-        {"exact_match_full_prefill", "exact_match_cached", "agreement", "count", "prompt_tokens",
+        {"exact_match_full_prefill", "exact_match_cached", "f1_full_prefill", "f1_cached", "agreement", "count",
+         "prompt_tokens",
          "prefill_tokens_full", "prefill_tokens_cached", "prefill_saved_fraction", "passage_tokens_encoded"}
     """
     from .data import encode
-    from .evaluate import exact_match
+    from .evaluate import score_predictions
 
     if not records:
         raise ValueError("evaluate_cache_reuse needs at least one record")
@@ -322,7 +323,9 @@ def evaluate_cache_reuse(
     was_training = model.training
     model.eval()
     store: dict[tuple[int, ...], PassageCache] = {}
-    full_ok = cached_ok = agree = prompt_tokens = computed_tokens = encoded_tokens = 0
+    agree = prompt_tokens = computed_tokens = encoded_tokens = 0
+    full_answers: list[str] = []
+    cached_answers: list[str] = []
     try:
         for i, record in enumerate(records):
             ex = encode(record, tokenizer)
@@ -343,18 +346,21 @@ def evaluate_cache_reuse(
                 segments.append(store[key])
             cache, logits, computed = prefill(model, segments)
             cached = greedy_continue(model, cache, logits, max_new_tokens=max_new_tokens, stop_ids=stop)
-            answer = record["answer"]
-            full_ok += exact_match(tokenizer.decode(full, skip_special_tokens=True), answer)
-            cached_ok += exact_match(tokenizer.decode(cached, skip_special_tokens=True), answer)
+            full_answers.append(tokenizer.decode(full, skip_special_tokens=True).strip())
+            cached_answers.append(tokenizer.decode(cached, skip_special_tokens=True).strip())
             agree += full == cached
             prompt_tokens += len(ids)
             computed_tokens += computed
     finally:
         model.train(was_training)
     n = len(records)
+    full_scores = score_predictions(records, full_answers)  # parses "Answer:", scores citations apart
+    cached_scores = score_predictions(records, cached_answers)
     return {
-        "exact_match_full_prefill": full_ok / n,
-        "exact_match_cached": cached_ok / n,
+        "exact_match_full_prefill": full_scores["exact_match"],
+        "exact_match_cached": cached_scores["exact_match"],
+        "f1_full_prefill": full_scores["f1"],
+        "f1_cached": cached_scores["f1"],
         "agreement": agree / n,
         "count": n,
         "prompt_tokens": prompt_tokens,
