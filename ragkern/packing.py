@@ -215,7 +215,7 @@ class StreamPackStats:
     bins: int = 0
     max_buffered: int = 0  # the most examples held at once (<= buffer_size)
     split_for_ranks: int = 0  # bins split at the end of the stream so their count divides by the ranks
-    dropped_for_ranks: int = 0  # examples dropped at the end when no bin was left to split (tiny streams)
+    dropped_for_ranks: int = 0  # examples dropped at the end: too few left to make a full round of bins
 
     @property
     def fill_ratio(self) -> float:
@@ -247,19 +247,28 @@ def pack_stream(
                                                               most buffer_size // 2 examples are left in it
         end of stream --> pack what is left, emit every bin (fullest first)
 
+    With ``multiple_of`` W > 1 (W ranks share the stream), bins go out in rounds of W, one per rank::
+
+        emitted:  [b0 .. bW-1] [bW .. b2W-1] ...   held back: < W bins, not handed to any rank yet
+        end:      held-back bins + buffer --> packed again, split (the most examples first) until the count
+                  is a multiple of W; if even one example per bin cannot make it, the shortest examples
+                  are dropped (fewer than W, counted in ``stats.dropped_for_ranks``, with a warning)
+
+    so every rank gets the same number of bins, whatever the length of the stream.
+
     The examples left in the buffer are those of the least-filled bins: they are packed again with the
     examples that arrive next, so fill approaches that of packing everything at once as the buffer grows.
-    Every example is emitted exactly once; bins hold the examples themselves (a list of dicts each), in
+    Every example is emitted exactly once (except those dropped for the ranks); bins hold the examples themselves (a list of dicts each), in
     arrival order within a bin.
 
     Args:
         examples: encoded examples (dicts with ``input_ids``, each of 1 to ``max_length`` tokens), e.g. a
             :class:`ragkern.data.EncodedStream`; read once, lazily.
         max_length: tokens per bin.
-        buffer_size: the most examples held at once (>= 1).
-        multiple_of: at the end of the stream, split bins (the most examples first) until the number of bins
-            emitted is a multiple of this (the number of ranks sharing the stream). If no bin is left to split,
-            the last bins are dropped and counted in ``stats.dropped_for_ranks`` (a warning says so).
+        buffer_size: the most examples held at once in the buffer (>= 1); up to ``multiple_of - 1`` packed
+            bins may wait for their round besides.
+        multiple_of: bins are emitted in rounds of this many (the number of ranks sharing the stream), and
+            their total is a multiple of it (see above).
         stats: updated as bins are emitted: count, tokens, ``fill_ratio``, the largest buffer held.
 
     Raises:
@@ -277,14 +286,21 @@ def pack_stream(
 
 
 def _pack_stream(examples, max_length, buffer_size, multiple_of, stats) -> Iterator[list[dict]]:
-    def emit(buffer: list[dict], b: list[int]) -> list[dict]:
-        out = [buffer[i] for i in sorted(b)]
+    # Examples are held as (arrival number, example): bins list their examples in arrival order.
+    def emit(b: list[tuple[int, dict]]) -> list[dict]:
+        out = [e for _, e in b]
         stats.bins += 1
         stats.examples += len(out)
         stats.tokens += sum(len(e["input_ids"]) for e in out)
         return out
 
-    buffer: list[dict] = []
+    def pack(items: list[tuple[int, dict]]) -> list[list[tuple[int, dict]]]:
+        return [[items[i] for i in sorted(b)] for b in _fullest_first([e for _, e in items], max_length)]
+
+    buffer: list[tuple[int, dict]] = []
+    # Packed bins not handed out yet: they go out in rounds of multiple_of, one bin per rank, so that the
+    # ranks stay in step and the end of the stream is the only place where their counts could differ.
+    pending: list[list[tuple[int, dict]]] = []
     for n, example in enumerate(examples):
         length = len(example["input_ids"])
         if not 1 <= length <= max_length:
@@ -292,37 +308,43 @@ def _pack_stream(examples, max_length, buffer_size, multiple_of, stats) -> Itera
                 f"stream example {n} has {length} tokens; packing needs 1 to max_length={max_length}: encode "
                 "the records with the length policy first (ragkern.data.iter_encode_records)"
             )
-        buffer.append(example)
+        buffer.append((n, example))
         stats.max_buffered = max(stats.max_buffered, len(buffer))
         if len(buffer) < buffer_size:
             continue
-        held, out, keep = len(buffer), [], []
-        for b in _fullest_first(buffer, max_length):
+        held, keep = len(buffer), []
+        for b in pack(buffer):
             if held > buffer_size // 2:
-                out.append(emit(buffer, b))
+                pending.append(b)
                 held -= len(b)
             else:
                 keep.extend(b)
-        buffer = [buffer[i] for i in sorted(keep)]
-        yield from out
-    bins = _fullest_first(buffer, max_length)
-    while (stats.bins + len(bins)) % multiple_of and any(len(b) > 1 for b in bins):
+        buffer = sorted(keep, key=lambda x: x[0])
+        ready = len(pending) - len(pending) % multiple_of
+        for b in pending[:ready]:
+            yield emit(b)
+        pending = pending[ready:]
+    # The last round: the held-back bins are packed again with the buffer, then split or trimmed to full rounds.
+    bins = pack(sorted([x for b in pending for x in b] + buffer, key=lambda x: x[0]))
+    while len(bins) % multiple_of and any(len(b) > 1 for b in bins):
         i = max(range(len(bins)), key=lambda j: (len(bins[j]), -j))
         bins[i : i + 1] = [bins[i][: len(bins[i]) // 2], bins[i][len(bins[i]) // 2 :]]
         stats.split_for_ranks += 1
-    extra = (stats.bins + len(bins)) % multiple_of
-    if extra:
-        dropped = bins[len(bins) - extra :]
-        bins = bins[: len(bins) - extra]
-        stats.dropped_for_ranks += sum(len(b) for b in dropped)
+    extra = len(bins) % multiple_of
+    if extra:  # every bin is one example, too few for a full round: drop the shortest
+        tokens = [len(b[0][1]["input_ids"]) for b in bins]
+        dropped = set(sorted(range(len(bins)), key=lambda j: (tokens[j], -j))[:extra])
+        bins = [b for j, b in enumerate(bins) if j not in dropped]
+        stats.dropped_for_ranks += extra
         logger.warning(
-            "pack_stream: the stream ended with too few examples to give each of %d ranks the same number of "
-            "bins; dropped the last %d examples",
+            "pack_stream: the stream ended with %d examples in its last bins, one each, which cannot make a "
+            "multiple of %d bins (one per rank); dropped the %d shortest",
+            len(bins) + extra,
             multiple_of,
-            stats.dropped_for_ranks,
+            extra,
         )
     for b in bins:
-        yield emit(buffer, b)
+        yield emit(b)
 
 
 class PackedIterableDataset(torch.utils.data.IterableDataset):
@@ -341,9 +363,9 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
     passed on to ``examples`` (a ``datasets.IterableDataset`` reshuffles; a RAFT stream re-draws distractors).
 
     Ranks: every rank reads the whole stream and packs it the same way (the stream must be in the same order
-    on every rank); rank ``r`` of ``world_size`` takes bins ``r, r + world_size, ...``. The end of the stream is
-    split so that every rank gets the same number of bins (:func:`pack_stream`'s ``multiple_of``), so ranks
-    run the same number of steps. ``rank``/``world_size`` default to torch.distributed's, read when iteration
+    on every rank); rank ``r`` of ``world_size`` takes bins ``r, r + world_size, ...``. Bins go out in rounds of
+    ``world_size`` and the end of the stream is split (or, too short, trimmed) so that every rank gets the same
+    number of bins (:func:`pack_stream`'s ``multiple_of``), so ranks run the same number of steps. ``rank``/``world_size`` default to torch.distributed's, read when iteration
     starts. The length of a stream is unknown: like any iterable dataset under ``Trainer``, give ``max_steps``.
     DataLoader workers split this rank's bins between them; ``stats`` (fill ratio) is then kept in the workers.
 

@@ -87,6 +87,63 @@ def test_too_short_stream_for_the_ranks_drops_and_counts():
     assert len(bins) == 0 and stats.dropped_for_ranks == 3
 
 
+def _deal(examples, max_length, buffer_size, world_size):
+    """Every rank's bins (lists of example ids) and the stats of the pass, as PackedIterableDataset deals them."""
+    per_rank, stats = [], None
+    for r in range(world_size):
+        ds = PackedIterableDataset(
+            examples, max_length, buffer_size=buffer_size, rank=r, world_size=world_size
+        )
+        per_rank.append([[e["id"] for e in b] for b in ds])
+        stats = ds.stats
+    return per_rank, stats
+
+
+@pytest.mark.parametrize(
+    "n, buffer_size, emitted_before_the_end",
+    [(5, 4, 0), (21, 4, 16)],  # the reviewer's case; then two full rounds of 8 bins before a tail of 5
+)
+def test_ranks_get_the_same_bins_when_the_tail_is_shorter_than_the_ranks(
+    n, buffer_size, emitted_before_the_end, caplog
+):
+    """9-token examples in bins of 10: one per bin, nothing to split; 8 ranks, fewer than 8 examples at the end.
+
+    Bins already handed to ranks cannot be taken back: they go out in rounds of 8, so the tail is a partial
+    round, dropped whole (and counted exactly) rather than leaving ranks 3-7 a step short (a DDP hang).
+    """
+    examples = _examples([9] * n)
+    source = Counting(examples)
+    first_round_at = None
+    for i, _ in enumerate(pack_stream(source, 10, buffer_size=buffer_size, multiple_of=8)):
+        if i == 0:
+            first_round_at = source.pulled
+    assert first_round_at is None or first_round_at < n  # rounds go out while the stream is read
+    with caplog.at_level("WARNING", logger="ragkern.packing"):
+        per_rank, stats = _deal(examples, 10, buffer_size, 8)
+    assert [len(bins) for bins in per_rank] == [emitted_before_the_end // 8] * 8
+    seen = sorted(i for bins in per_rank for b in bins for i in b)
+    assert len(seen) == stats.examples == emitted_before_the_end
+    assert stats.dropped_for_ranks == n - emitted_before_the_end == 5
+    assert "dropped the 5 shortest" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_rank_gets_the_same_bins_and_drops_are_counted(seed):
+    rng = np.random.default_rng(seed)
+    world = int(rng.integers(2, 9))
+    long_only = seed % 3 == 0  # one example per bin: the tail cannot be split
+    lengths = (
+        rng.integers(33, 64, rng.integers(1, 60)) if long_only else rng.integers(1, 64, rng.integers(1, 200))
+    )
+    examples = _examples(lengths)
+    per_rank, stats = _deal(examples, 64, int(rng.integers(1, 20)), world)
+    assert len({len(bins) for bins in per_rank}) == 1
+    seen = [i for bins in per_rank for b in bins for i in b]
+    assert len(seen) == len(set(seen)) == stats.examples
+    assert stats.dropped_for_ranks == len(examples) - len(seen) < world
+    assert all(sum(lengths[i] for i in b) <= 64 and b == sorted(b) for bins in per_rank for b in bins)
+
+
 def _records(n):
     out = []
     for i in range(n):
