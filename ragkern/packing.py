@@ -369,6 +369,14 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
     starts. The length of a stream is unknown: like any iterable dataset under ``Trainer``, give ``max_steps``.
     DataLoader workers split this rank's bins between them; ``stats`` (fill ratio) is then kept in the workers.
 
+    Resuming: ``Trainer`` sees one epoch of ``max_steps`` steps and resumes by skipping ``global_step x
+    gradient_accumulation_steps`` micro-batches of the first pass, re-reading and re-packing the stream. A
+    checkpoint saved during the first pass resumes in the same order; when the stream is shorter than
+    ``max_steps`` and ``Trainer`` goes on to a second pass (``set_epoch(1)``, logged as a warning), a checkpoint
+    saved after the first pass resumes at the start of the next pass instead, so the order differs from an
+    uninterrupted run. When exact resumes matter, keep ``max_steps`` within one pass, or make the stream repeat
+    itself (e.g. ``datasets.IterableDataset.repeat(None)``: one endless pass).
+
     Attributes:
         stats: the :class:`StreamPackStats` of the current pass (all ranks' bins; ``stats.fill_ratio``).
         source_names: optional example ``source`` tags, for ``PackingCollator(source_names=...)``.
@@ -397,8 +405,18 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         self.source_names = tuple(source_names) if source_names is not None else None
         self.epoch = 0
         self.stats = StreamPackStats(max_length)
+        self._warned_repass = False
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch > 0 and not self._warned_repass:  # under Trainer: the stream was shorter than max_steps
+            self._warned_repass = True
+            logger.warning(
+                "PackedIterableDataset: epoch %d, another pass over the stream (under Trainer: the stream ended "
+                "before max_steps); a checkpoint saved from here on will not resume in the same order, as Trainer "
+                "resumes by skipping global_step x gradient_accumulation_steps batches of the first pass. For "
+                "exact resumes keep max_steps within one pass, or repeat the stream inside it",
+                epoch,
+            )
         self.epoch = epoch
         if not callable(self.examples) and hasattr(self.examples, "set_epoch"):
             self.examples.set_epoch(epoch)

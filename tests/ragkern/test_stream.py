@@ -329,3 +329,54 @@ def test_rag_trainer_refuses_a_stream_packed_longer_than_max_length(tmp_path):
             args=args,
             train_dataset=PackedIterableDataset(stream, 64),
         )
+
+
+def test_set_epoch_past_the_first_pass_warns_once_about_resuming(caplog):
+    ds = PackedIterableDataset(_examples([3, 4]), 8)
+    with caplog.at_level("WARNING", logger="ragkern.packing"):
+        ds.set_epoch(0)
+        assert not caplog.records
+        ds.set_epoch(1)
+        ds.set_epoch(2)
+    assert len(caplog.records) == 1 and "will not resume in the same order" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_rag_trainer_resumes_a_stream_in_the_same_order(tmp_path, repeat, caplog):
+    """A 5-bin stream, 7 steps: a checkpoint of the first pass resumes exactly; past it, a repeated stream does."""
+    from ragkern import RagTrainer, RagTrainingArguments
+
+    tok = word_tokenizer()
+
+    def run(out, resume=None):
+        records = datasets.IterableDataset.from_generator(lambda: iter(_records(12)))
+        stream = EncodedStream(records.repeat(None) if repeat else records, tok, max_length=64)
+        args = RagTrainingArguments(
+            output_dir=str(out),
+            max_length=64,
+            max_steps=7,
+            per_device_train_batch_size=1,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="steps",
+            save_steps=3,
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=0,
+            fused_loss=False,
+        )
+        model = tiny_model("llama", vocab_size=len(tok)).train()
+        trainer = RagTrainer(
+            model=model, args=args, train_dataset=PackedIterableDataset(stream, 64, buffer_size=4)
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+    with caplog.at_level("WARNING", logger="ragkern.packing"):
+        full = run(tmp_path / "full")
+    assert len(full) == 7
+    passes = any("another pass over the stream" in r.getMessage() for r in caplog.records)
+    assert passes != repeat  # 12 records make 5 bins: Trainer needs a second pass unless the stream repeats
+    checkpoint = tmp_path / "full" / ("checkpoint-6" if repeat else "checkpoint-3")
+    assert run(tmp_path / "resumed", resume=str(checkpoint)) == pytest.approx(full, rel=1e-6)
