@@ -149,7 +149,12 @@ class ModelArguments:
         },
     )
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = field(
-        default=None, metadata={"help": "dtype the weights are loaded in (default: float32)."}
+        default="float32",
+        metadata={
+            "help": "dtype the weights are loaded in: float32 (default; add --bf16 for mixed precision with fp32 "
+            "master weights), bfloat16/float16 (every weight trained in half precision unless LoRA), or auto "
+            "(the checkpoint's dtype)."
+        },
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight (no adapter)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
@@ -266,10 +271,16 @@ class DataArguments:
         if sum(s.weight for s in specs) <= 0:
             raise ConfigError("sources: every weight is 0; give at least one source a weight > 0")
         self.sources = specs
-        if self.resample_every_epoch and len(specs) > 1 and any(s.kind == "qa" for s in specs):
+        if self.resample_every_epoch and (len(specs) > 1 or specs[0].kind != "qa"):
+            this_run = (
+                f"mixes {len(specs)} sources"
+                if len(specs) > 1
+                else f"has one {specs[0].kind} source ({specs[0].name}), whose examples are fixed (a qa source "
+                "draws its passages from a corpus)"
+            )
             raise ConfigError(
                 "resample_every_epoch re-draws the RAFT examples of a single qa source every epoch "
-                f"(RaftEpochDataset); this run mixes {len(specs)} sources: set resample_every_epoch false"
+                f"(RaftEpochDataset); this run {this_run}: set resample_every_epoch false"
             )
         if self.num_distractors < 0:
             raise ConfigError(f"num_distractors must be >= 0, got {self.num_distractors}")
@@ -413,28 +424,37 @@ def _records_for_epoch(sources: list[_Source], data_args: DataArguments, seed: i
 
 def _build_model(model_args: ModelArguments, tokenizer, training_args: RagTrainingArguments):
     attn = training_args.attn_implementation if training_args.packing else None
-    dtype = getattr(torch, model_args.model_dtype) if model_args.model_dtype not in (None, "auto") else None
+    # float32 unless asked: from_pretrained's "auto" would train a bf16 checkpoint in bf16, with no fp32 master
+    # weights
+    name = model_args.model_dtype or "float32"
+    dtype = "auto" if name == "auto" else getattr(torch, name)
     if model_args.model_config is not None:
         config = small_config(model_args.model_config)
         config.vocab_size = len(tokenizer)
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
         torch.manual_seed(training_args.seed)
-        return AutoModelForCausalLM.from_config(
-            config, attn_implementation=attn, dtype=dtype or torch.float32
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn, dtype=torch.float32 if dtype == "auto" else dtype
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        attn_implementation=attn,
-        dtype=dtype or model_args.model_dtype or "auto",
-    )
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, attn_implementation=attn, dtype=dtype
+        )
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            logger.warning(
+                "resizing the embeddings from %d to the tokenizer's %d tokens",
+                model.get_input_embeddings().num_embeddings,
+                len(tokenizer),
+            )
+            model.resize_token_embeddings(len(tokenizer))
+    logger.info("model weights in %s (model_dtype: %s)", model.dtype, name)
+    if model.dtype != torch.float32 and not model_args.lora_r:
         logger.warning(
-            "resizing the embeddings from %d to the tokenizer's %d tokens",
-            model.get_input_embeddings().num_embeddings,
-            len(tokenizer),
+            "training every weight in %s, with no fp32 master weights: small updates may round away; for mixed "
+            "precision set model_dtype float32 and bf16 true",
+            model.dtype,
         )
-        model.resize_token_embeddings(len(tokenizer))
     return model
 
 

@@ -133,6 +133,57 @@ def test_bad_options_name_themselves(tmp_path):
         parse_train_args(["--config", _config(tmp_path, sources=mix, resample_every_epoch=True)])
 
 
+@pytest.mark.parametrize(
+    "sources, message",
+    [
+        ([{"kind": "raft", "path": str(DATA / "raft.jsonl")}], r"has one raft source \(raft\)"),
+        ([{"kind": "dap", "path": str(DATA / "dap.jsonl")}], r"has one dap source \(dap\)"),
+        (
+            [
+                {"kind": "dap", "path": str(DATA / "dap.jsonl")},
+                {"kind": "raft", "path": str(DATA / "raft.jsonl")},
+            ],
+            "mixes 2 sources",
+        ),
+    ],
+)
+def test_resample_every_epoch_without_a_single_qa_source_is_refused(tmp_path, sources, message):
+    config = _config(tmp_path, sources=sources, resample_every_epoch=True)
+    with pytest.raises(
+        ConfigError, match=f"single qa source.*this run {message}.*set resample_every_epoch false"
+    ):
+        parse_train_args(["--config", config])
+    parse_train_args(
+        ["--config", _config(tmp_path, resample_every_epoch=True)]
+    )  # the one qa source of _config
+
+
+def test_checkpoint_loads_in_float32_unless_another_dtype_is_asked(tmp_path, caplog):
+    """A bf16 checkpoint: float32 by default (fp32 master weights), its own dtype only with model_dtype auto."""
+    from ragkern import RagTrainingArguments
+    from ragkern.run import ModelArguments, _build_model
+    from tests.ragkern.tiny import tiny_model, word_tokenizer
+
+    tok = word_tokenizer()
+    tiny_model("llama", vocab_size=len(tok)).to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    args = RagTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    loaded = {}
+    for dtype in (None, "float32", "auto", "bfloat16"):
+        extra = {} if dtype is None else {"model_dtype": dtype}
+        model_args = ModelArguments(model_name_or_path=str(tmp_path / "ckpt"), **extra)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="ragkern.run"):
+            loaded[dtype] = _build_model(model_args, tok, args).dtype
+        assert f"model weights in {loaded[dtype]}" in caplog.text
+        assert ("no fp32 master weights" in caplog.text) == (loaded[dtype] != torch.float32)
+    assert loaded == {
+        None: torch.float32,
+        "float32": torch.float32,
+        "auto": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+
+
 def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
     config = _config(tmp_path, sources=[{"kind": "dapp", "path": "x"}])
     assert main(["train", "--config", config]) == 2
