@@ -258,8 +258,8 @@ def pack_stream(
 
     The examples left in the buffer are those of the least-filled bins: they are packed again with the
     examples that arrive next, so fill approaches that of packing everything at once as the buffer grows.
-    Every example is emitted exactly once (except those dropped for the ranks); bins hold the examples themselves (a list of dicts each), in
-    arrival order within a bin.
+    Every example is emitted exactly once (but for those dropped for the ranks); bins hold the examples
+    themselves (a list of dicts each), in arrival order within a bin.
 
     Args:
         examples: encoded examples (dicts with ``input_ids``, each of 1 to ``max_length`` tokens), e.g. a
@@ -324,7 +324,7 @@ def _pack_stream(examples, max_length, buffer_size, multiple_of, stats) -> Itera
         for b in pending[:ready]:
             yield emit(b)
         pending = pending[ready:]
-    # The last round: the held-back bins are packed again with the buffer, then split or trimmed to full rounds.
+    # The last round: the held-back bins are packed again with the buffer, then split or trimmed to rounds.
     bins = pack(sorted([x for b in pending for x in b] + buffer, key=lambda x: x[0]))
     while len(bins) % multiple_of and any(len(b) > 1 for b in bins):
         i = max(range(len(bins)), key=lambda j: (len(bins[j]), -j))
@@ -363,19 +363,19 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
     passed on to ``examples`` (a ``datasets.IterableDataset`` reshuffles; a RAFT stream re-draws distractors).
 
     Ranks: every rank reads the whole stream and packs it the same way (the stream must be in the same order
-    on every rank); rank ``r`` of ``world_size`` takes bins ``r, r + world_size, ...``. Bins go out in rounds of
-    ``world_size`` and the end of the stream is split (or, too short, trimmed) so that every rank gets the same
-    number of bins (:func:`pack_stream`'s ``multiple_of``), so ranks run the same number of steps. ``rank``/``world_size`` default to torch.distributed's, read when iteration
-    starts. The length of a stream is unknown: like any iterable dataset under ``Trainer``, give ``max_steps``.
+    on every rank); rank ``r`` of ``world_size`` takes bins ``r, r + world_size, ...``. Bins go out in
+    rounds of ``world_size`` and the end of the stream is split (or, too short, trimmed) so that every rank
+    gets the same number of bins (:func:`pack_stream`'s ``multiple_of``), so ranks run the same number of
+    steps. ``rank``/``world_size`` default to torch.distributed's, read when iteration starts. The length of a stream is unknown: like any iterable dataset under ``Trainer``, give ``max_steps``.
     DataLoader workers split this rank's bins between them; ``stats`` (fill ratio) is then kept in the workers.
 
     Resuming: ``Trainer`` sees one epoch of ``max_steps`` steps and resumes by skipping ``global_step x
     gradient_accumulation_steps`` micro-batches of the first pass, re-reading and re-packing the stream. A
     checkpoint saved during the first pass resumes in the same order; when the stream is shorter than
-    ``max_steps`` and ``Trainer`` goes on to a second pass (``set_epoch(1)``, logged as a warning), a checkpoint
-    saved after the first pass resumes at the start of the next pass instead, so the order differs from an
-    uninterrupted run. When exact resumes matter, keep ``max_steps`` within one pass, or make the stream repeat
-    itself (e.g. ``datasets.IterableDataset.repeat(None)``: one endless pass).
+    ``max_steps`` and ``Trainer`` goes on to a second pass (``set_epoch(1)``, logged as a warning), a
+    checkpoint saved after the first pass resumes at the start of the next pass instead, so the order differs
+    from an uninterrupted run. When exact resumes matter, keep ``max_steps`` within one pass, or make the
+    stream repeat itself (e.g. ``datasets.IterableDataset.repeat(None)``: one endless pass).
 
     Attributes:
         stats: the :class:`StreamPackStats` of the current pass (all ranks' bins; ``stats.fill_ratio``).
@@ -411,10 +411,10 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         if epoch > 0 and not self._warned_repass:  # under Trainer: the stream was shorter than max_steps
             self._warned_repass = True
             logger.warning(
-                "PackedIterableDataset: epoch %d, another pass over the stream (under Trainer: the stream ended "
-                "before max_steps); a checkpoint saved from here on will not resume in the same order, as Trainer "
-                "resumes by skipping global_step x gradient_accumulation_steps batches of the first pass. For "
-                "exact resumes keep max_steps within one pass, or repeat the stream inside it",
+                "PackedIterableDataset: epoch %d, another pass over the stream (under Trainer: the stream "
+                "ended before max_steps); a checkpoint saved from here on will not resume in the same order, "
+                "as Trainer resumes by skipping global_step x gradient_accumulation_steps batches of the first "
+                "pass. For exact resumes keep max_steps within one pass, or repeat the stream inside it",
                 epoch,
             )
         self.epoch = epoch

@@ -151,9 +151,9 @@ class ModelArguments:
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = field(
         default="float32",
         metadata={
-            "help": "dtype the weights are loaded in: float32 (default; add --bf16 for mixed precision with fp32 "
-            "master weights), bfloat16/float16 (every weight trained in half precision unless LoRA), or auto "
-            "(the checkpoint's dtype)."
+            "help": "dtype the weights are loaded in: float32 (default; add --bf16 for mixed precision with "
+            "fp32 master weights), bfloat16/float16 (every weight trained in half precision unless LoRA), or "
+            "auto (the checkpoint's dtype)."
         },
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight (no adapter)."})
@@ -275,8 +275,8 @@ class DataArguments:
             this_run = (
                 f"mixes {len(specs)} sources"
                 if len(specs) > 1
-                else f"has one {specs[0].kind} source ({specs[0].name}), whose examples are fixed (a qa source "
-                "draws its passages from a corpus)"
+                else f"has one {specs[0].kind} source ({specs[0].name}), whose examples are fixed (a qa "
+                "source draws its passages from a corpus)"
             )
             raise ConfigError(
                 "resample_every_epoch re-draws the RAFT examples of a single qa source every epoch "
@@ -424,8 +424,8 @@ def _records_for_epoch(sources: list[_Source], data_args: DataArguments, seed: i
 
 def _build_model(model_args: ModelArguments, tokenizer, training_args: RagTrainingArguments):
     attn = training_args.attn_implementation if training_args.packing else None
-    # float32 unless asked: from_pretrained's "auto" would train a bf16 checkpoint in bf16, with no fp32 master
-    # weights
+    # float32 unless asked: from_pretrained's "auto" would train a bf16 checkpoint in bf16, with no fp32
+    # master weights
     name = model_args.model_dtype or "float32"
     dtype = "auto" if name == "auto" else getattr(torch, name)
     if model_args.model_config is not None:
@@ -451,8 +451,8 @@ def _build_model(model_args: ModelArguments, tokenizer, training_args: RagTraini
     logger.info("model weights in %s (model_dtype: %s)", model.dtype, name)
     if model.dtype != torch.float32 and not model_args.lora_r:
         logger.warning(
-            "training every weight in %s, with no fp32 master weights: small updates may round away; for mixed "
-            "precision set model_dtype float32 and bf16 true",
+            "training every weight in %s, with no fp32 master weights: small updates may round away; for "
+            "mixed precision set model_dtype float32 and bf16 true",
             model.dtype,
         )
     return model

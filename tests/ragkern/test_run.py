@@ -159,7 +159,7 @@ def test_resample_every_epoch_without_a_single_qa_source_is_refused(tmp_path, so
 
 
 def test_checkpoint_loads_in_float32_unless_another_dtype_is_asked(tmp_path, caplog):
-    """A bf16 checkpoint: float32 by default (fp32 master weights), its own dtype only with model_dtype auto."""
+    """A bf16 checkpoint: float32 by default (fp32 master weights), its dtype only with model_dtype auto."""
     from ragkern import RagTrainingArguments
     from ragkern.run import ModelArguments, _build_model
     from tests.ragkern.tiny import tiny_model, word_tokenizer

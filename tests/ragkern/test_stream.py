@@ -88,7 +88,7 @@ def test_too_short_stream_for_the_ranks_drops_and_counts():
 
 
 def _deal(examples, max_length, buffer_size, world_size):
-    """Every rank's bins (lists of example ids) and the stats of the pass, as PackedIterableDataset deals them."""
+    """Every rank's bins (lists of example ids) and the pass's stats, as PackedIterableDataset deals them."""
     per_rank, stats = [], None
     for r in range(world_size):
         ds = PackedIterableDataset(
@@ -106,7 +106,7 @@ def _deal(examples, max_length, buffer_size, world_size):
 def test_ranks_get_the_same_bins_when_the_tail_is_shorter_than_the_ranks(
     n, buffer_size, emitted_before_the_end, caplog
 ):
-    """9-token examples in bins of 10: one per bin, nothing to split; 8 ranks, fewer than 8 examples at the end.
+    """9-token examples in bins of 10: one per bin, nothing to split; 8 ranks, < 8 examples at the end.
 
     Bins already handed to ranks cannot be taken back: they go out in rounds of 8, so the tail is a partial
     round, dropped whole (and counted exactly) rather than leaving ranks 3-7 a step short (a DDP hang).
@@ -343,7 +343,7 @@ def test_set_epoch_past_the_first_pass_warns_once_about_resuming(caplog):
 
 @pytest.mark.parametrize("repeat", [False, True])
 def test_rag_trainer_resumes_a_stream_in_the_same_order(tmp_path, repeat, caplog):
-    """A 5-bin stream, 7 steps: a checkpoint of the first pass resumes exactly; past it, a repeated stream does."""
+    """A 5-bin stream, 7 steps: a checkpoint of the first pass resumes exactly; later ones if it repeats."""
     from ragkern import RagTrainer, RagTrainingArguments
 
     tok = word_tokenizer()
