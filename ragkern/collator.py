@@ -63,7 +63,7 @@ class PackingCollator:
             lab[0] = IGNORE_INDEX
             lengths.append(len(seq))
             if self.source_names is not None:
-                sources += [self.source_names.index(ex.get("source", "default"))] * len(seq)
+                sources += [self._source_id(ex.get("source", "default"), i)] * len(seq)
             ids += seq
             labels += lab
             if self.block_attention:
@@ -90,6 +90,16 @@ class PackingCollator:
         if self.source_names is not None:
             batch["source_ids"] = torch.tensor(sources, dtype=torch.long).unsqueeze(0)
         return batch
+
+    def _source_id(self, source: str, example: int) -> int:
+        try:
+            return self.source_names.index(source)
+        except ValueError:
+            raise ValueError(
+                f"example {example} of the batch has source {source!r}, not one of the source_names "
+                f"{list(self.source_names)}; list every source tag of the data in "
+                "PackingCollator(source_names=...) or PackedIterableDataset(source_names=...)"
+            ) from None
 
 
 @dataclass

@@ -43,3 +43,15 @@ def test_collator_source_ids_per_token():
     batch = PackingCollator(source_names=("dap", "raft"))(examples)
     assert batch["source_ids"].tolist() == [[1, 1, 1, 0, 0]]
     assert "source_ids" not in PackingCollator()(examples)
+
+
+def test_collator_unknown_source_names_it_and_the_fix():
+    examples = [{"input_ids": [5, 6], "source": "dap"}, {"input_ids": [8, 9], "source": "chat"}]
+    with pytest.raises(
+        ValueError,
+        match=r"example 1 of the batch has source 'chat', not one of the source_names "
+        r"\['dap', 'raft'\]; .*PackingCollator\(source_names=\.\.\.\)",
+    ):
+        PackingCollator(source_names=("dap", "raft"))(examples)
+    with pytest.raises(ValueError, match="source 'default'"):  # an untagged example
+        PackingCollator(source_names=("dap",))([{"input_ids": [5, 6]}])
