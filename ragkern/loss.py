@@ -82,13 +82,14 @@ def _argmax_hits(
 
     Only the target rows of ``hidden`` ``(B, T, H)`` go through the lm_head ``weight`` ``(V, H)``, in chunks of
     ``HIT_CHUNK`` rows: RAFT targets are the answer tokens, a small part of the row. Softcapping is monotone,
-    so it does not change the argmax.
+    so it does not change the argmax. ``weight`` and ``bias`` ``(V,)`` are cast to ``hidden``'s dtype.
     """
     mask = targets != IGNORE_INDEX
     hits = torch.zeros_like(mask)
     rows = hidden[mask]  # (n, H)
     if rows.shape[0]:
-        w, b = weight.detach(), None if bias is None else bias.detach()
+        w = weight.detach().to(hidden.dtype)
+        b = None if bias is None else bias.detach().to(hidden.dtype)
         pred = torch.cat([F.linear(c, w, b).argmax(-1) for c in rows.split(HIT_CHUNK)])
         hits[mask] = pred == targets[mask]
     return hits
@@ -113,16 +114,18 @@ def _fused_token_loss(
     out = model(**model_inputs, output_hidden_states=True, logits_to_keep=none)
     hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
     del out
+    weight = weight.to(hidden.dtype)  # under autocast the backbone runs in half precision
+    bias = None if bias is None else bias.to(hidden.dtype)
     per_pos = fused_linear_cross_entropy(
         hidden.flatten(0, 1),
-        weight.to(hidden.dtype),  # under autocast the backbone runs in half precision
+        weight,
         targets.flatten(),
-        bias=None if bias is None else bias.to(hidden.dtype),
+        bias=bias,
         ignore_index=IGNORE_INDEX,
         reduction="none",
         softcap=softcap or None,
     )
-    hits = _argmax_hits(hidden, weight.to(hidden.dtype), bias, targets) if with_hits else None
+    hits = _argmax_hits(hidden, weight, bias, targets) if with_hits else None
     return per_pos.view_as(targets), hits
 
 

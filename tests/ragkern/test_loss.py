@@ -136,3 +136,17 @@ def test_trainer_step_fused_equals_plain(tmp_path, fused_calls):
         grads.append(capture.grads)
     assert fused_calls  # the first run used the fused kernel
     assert max_rel_diff(grads[0], grads[1]) < 1e-5
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_argmax_hits_casts_the_lm_head_bias_to_the_hidden_dtype(weight_dtype):
+    """A bf16 model with an fp32 lm_head bias: the bias decides the argmax (class 3 everywhere)."""
+    from ragkern.loss import _argmax_hits
+
+    hidden = torch.randn(1, 5, 8, dtype=torch.bfloat16)
+    weight = torch.zeros(6, 8, dtype=weight_dtype)
+    bias = torch.zeros(6, dtype=torch.float32)
+    bias[3] = 1.0
+    targets = torch.tensor([[-100, 3, 2, 3, -100]])
+    hits = _argmax_hits(hidden, weight, bias, targets)
+    assert hits.tolist() == [[False, True, False, True, False]]
