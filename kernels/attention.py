@@ -439,6 +439,11 @@ def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[st
     return _gpu_configs(head_dim, dtype)
 
 
+def _delta_rows(head_dim: int) -> int:
+    """Rows per program of the delta kernel: two (rows, D) fp32 tiles in registers; at D=256, 64 rows spill."""
+    return 64 if head_dim <= 128 else 16
+
+
 def _block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
@@ -479,9 +484,10 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_
     blk = block_ids if block_ids is not None else cu_seqlens
     common = dict(CAUSAL=causal, HAS_BLOCKS=block_ids is not None, HEAD_DIM=D, BLOCK_D=_block_d(D))
     delta = torch.empty((Hq, total), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(total, 64), Hq)](
+    rows = _delta_rows(D)
+    _attn_bwd_delta_kernel[(triton.cdiv(total, rows), Hq)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_T=64,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_T=rows,
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cfg = cfgs["dkdv"]
@@ -729,8 +735,9 @@ def aot_specs() -> list[AotSpec]:
         sig = {"Out": ptr, "DO": ptr, "DELTA": "*fp32", "stride_ot": "i32", "stride_oh": "i32"}
         sig.update({"stride_dt": "i32", "stride_dh": "i32", "total": "i32"})
         sig.update({"HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_T": "constexpr"})
-        cx = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_T=64)
+        rows = _delta_rows(D)
+        cx = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_T=rows)
         specs.append(
-            AotSpec("attn_bwd_delta", _attn_bwd_delta_kernel, sig, cx, 4, 1, f"D={D} {ty} T=64 w4 s1")
+            AotSpec("attn_bwd_delta", _attn_bwd_delta_kernel, sig, cx, 4, 1, f"D={D} {ty} T={rows} w4 s1")
         )
     return specs
