@@ -1,6 +1,6 @@
 """End to end on CPU: RagTrainer (packed) vs HF Trainer + padding vs HF Trainer + DataCollatorWithFlattening.
 
-    python bench/e2e_cpu.py [--examples 48] [--max-length 4096] [--batch-size 2]
+    python bench/e2e_cpu.py [--examples 400] [--steps 10] [--max-length 8192] [--batch-size 4]
 
 One tiny Llama (GQA), the same initial weights and the same synthetic RAG-like examples (lengths uniform over
 100..4000 tokens, RAFT-like labels: only the answer, the last 16..64 tokens, is a target) trained three ways:
@@ -9,10 +9,13 @@ One tiny Llama (GQA), the same initial weights and the same synthetic RAG-like e
   padded      Trainer + DataCollatorForSeq2Seq (labels padded with -100), sdpa, batch-size examples per step
   flattening  Trainer + DataCollatorWithFlattening, sdpa, batch-size examples per step (one row, no padding)
 
-With batch-size 2 and max-length 4096, every way sees about 4,100 real tokens per optimizer step (mean length
+The packed run packs an epoch of --examples examples, as RagTrainer does for a dataset, and trains its first
+--steps bins (shuffled, as in training); the Trainer baselines then train exactly the examples of those bins.
+With batch-size 4 and max-length 8192, every way sees about 8,000 real tokens per optimizer step (mean length
 2,050). Real tokens/s = non-padding tokens / train_runtime. Fill ratio = real tokens / tokens computed: for
-padded, batch x longest; for flattening, 1 by construction; for packed, real / (bins x max_length) as the
-issue defines it (the packed row itself carries no padding). Each way is warmed up on a few examples first.
+padded, batch x longest; for flattening, 1 by construction; for packed, real / (bins x max_length) over the
+epoch's bins as RagTrainer logs it (and over the trained bins alone: fill_ratio_trained_bins). Each way is
+warmed up on a few examples first.
 
 Also checks whether sdpa + flattening keeps examples apart: transformers 5 builds a block-diagonal mask from
 position_ids when attention_mask is None; the check perturbs one example and compares the other's logits.
@@ -90,9 +93,11 @@ class Counting:
 
     def __init__(self, collate):
         self.collate, self.real, self.computed, self.steps = collate, 0, 0, 0
+        self.batches: list[list[dict]] = []
 
     def __call__(self, features):
         batch = self.collate(features)
+        self.batches.append(list(features))
         self.real += sum(len(f["input_ids"]) for f in features)
         self.computed += batch["input_ids"].numel()
         self.steps += 1
@@ -100,6 +105,14 @@ class Counting:
 
     def reset(self):
         self.real = self.computed = self.steps = 0
+        self.batches = []
+
+    def keep_first(self, n: int) -> None:
+        """Count only the first ``n`` batches: accelerate's loader fetches one batch ahead, so with max_steps
+        the collator also sees a batch that is never trained."""
+        self.batches = self.batches[:n]
+        self.steps = len(self.batches)
+        self.real = self.computed = sum(len(f["input_ids"]) for b in self.batches for f in b)
 
 
 def _args(cls, out: str, batch_size: int, **extra):
@@ -121,10 +134,21 @@ def _args(cls, out: str, batch_size: int, **extra):
     )
 
 
-def _trainer(way: str, model, examples, tokenizer, out: str, *, max_length: int, batch_size: int):
+def _trainer(
+    way: str,
+    model,
+    examples,
+    tokenizer,
+    out: str,
+    *,
+    max_length: int,
+    batch_size: int,
+    steps: int | None = None,
+):
     if way == "packed":
         collate = Counting(PackingCollator())
-        args = _args(RagTrainingArguments, out, 1, max_length=max_length)
+        extra = {"max_steps": steps} if steps else {}
+        args = _args(RagTrainingArguments, out, 1, max_length=max_length, **extra)
         trainer = RagTrainer(model=model, args=args, data_collator=collate, train_dataset=examples)
     else:
         if way == "padded":
@@ -150,11 +174,21 @@ def run(
     layers: int = 2,
     warmup_examples: int = 2,
     ways: tuple[str, ...] = WAYS,
+    steps: int | None = None,
 ) -> dict:
-    """Train a fresh copy of the same model on ``examples`` each way; returns per-way measurements."""
+    """Train a fresh copy of the same model on the same examples each way; returns per-way measurements.
+
+    ``steps=None``: every way trains all of ``examples`` once. ``steps=K``: the packed run packs all of
+    ``examples`` (an epoch, as RagTrainer would) and trains its first K bins; the other ways then train exactly
+    the examples those bins held. Packed ``fill_ratio`` is the epoch's packing; ``fill_ratio_trained_bins``
+    the fill of the K bins trained.
+    """
+    if ways[0] != "packed":
+        raise ValueError("the packed way runs first: it decides which examples every way trains")
     tokenizer = make_tokenizer()
     initial = make_model(tokenizer, hidden=hidden, layers=layers)
     results = {}
+    trained = examples
     with tempfile.TemporaryDirectory() as out:
         for way in ways:
             if warmup_examples:
@@ -171,21 +205,31 @@ def run(
             trainer, collate = _trainer(
                 way,
                 copy.deepcopy(initial),
-                examples,
+                examples if way == "packed" else trained,
                 tokenizer,
                 out,
                 max_length=max_length,
                 batch_size=batch_size,
+                steps=steps,
             )
             t0 = time.perf_counter()
             metrics = trainer.train().metrics
             wall = time.perf_counter() - t0
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            extra = {}
             if way == "packed":
-                fill = collate.real / (collate.steps * max_length)
+                if steps:
+                    collate.keep_first(trainer.state.global_step)
+                trained = [f for b in collate.batches for f in b]
+                fill = trainer._train_sampler.fill_ratio  # the epoch's bins, as RagTrainer logs it
+                extra = {
+                    "epoch_examples": len(examples),
+                    "fill_ratio_trained_bins": round(collate.real / (collate.steps * max_length), 4),
+                }
             else:
                 fill = collate.real / collate.computed
             results[way] = {
+                **extra,
                 "steps": collate.steps,
                 "real_tokens": collate.real,
                 "computed_tokens": collate.computed,
@@ -239,7 +283,15 @@ def packing_fill(n: int, max_length: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--examples", type=int, default=40)
+    p.add_argument(
+        "--examples", type=int, default=400, help="examples in the epoch RagTrainer packs (fill ratio)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="packed steps timed; every way trains the examples of those bins (0: the whole epoch)",
+    )
     p.add_argument("--max-length", type=int, default=8192)
     p.add_argument("--batch-size", type=int, default=4, help="examples per step for the Trainer baselines")
     p.add_argument("--hidden", type=int, default=128)
@@ -266,6 +318,7 @@ def main():
         hidden=a.hidden,
         layers=a.layers,
         ways=ways,
+        steps=a.steps or None,
     )
     total = time.perf_counter() - t0
     load_after = os.getloadavg()
@@ -293,8 +346,10 @@ def main():
         k = f"packed_over_{w}"
         print(f"{k}: {ratios[k]:.2f}x (target >= {target[w]}x: {'met' if met[k] else 'NOT met'})")
     print(
-        f"packed fill ratio {packed['fill_ratio']:.4f} on {a.examples} examples (target >= 0.99: "
-        f"{'met' if met['fill_ratio'] else 'NOT met'}); same mix, 10,000 examples, packing only: {fill_10k}"
+        f"packed fill ratio {packed['fill_ratio']:.4f} over the epoch of {a.examples} examples (target >= 0.99: "
+        f"{'met' if met['fill_ratio'] else 'NOT met'}); the {packed['steps']} bins trained: "
+        f"{packed.get('fill_ratio_trained_bins', packed['fill_ratio'])}; same mix, 10,000 examples, packing only: "
+        f"{fill_10k}"
     )
     for case, r in leak.items():
         print(
@@ -311,7 +366,9 @@ def main():
                 "lengths": "uniform 100..4000 (seed 0)",
                 "labels": "answer only: last 16..64 tokens",
                 "model": f"Llama hidden {a.hidden}, {a.layers} layers, 4 heads / 2 kv heads, vocab {len(tokenizer)}, fp32",
-                "packed": "RagTrainer, 1 bin of max_length per step, ragkern attention, fused loss",
+                "packed": "RagTrainer, 1 bin of max_length per step, ragkern attention, fused loss; packs the "
+                f"epoch of {a.examples} examples and trains its first {a.steps or 'all'} bins; the other ways "
+                "train exactly those bins' examples",
                 "padded": f"Trainer + DataCollatorForSeq2Seq, sdpa, {a.batch_size} examples per step",
                 "flattening": f"Trainer + DataCollatorWithFlattening, sdpa, {a.batch_size} examples per step, "
                 "config.use_cache default (True): examples leak, plain causal sdpa over the row",
