@@ -34,7 +34,12 @@ class RagTrainingArguments(TrainingArguments):
     (rows of up to ``max_length`` tokens) per micro-batch."""
 
     max_length: int = field(
-        default=2048, metadata={"help": "Tokens per packed bin; longer examples are dropped."}
+        default=2048,
+        metadata={
+            "help": "Tokens per packed bin. A longer RAFT example is trimmed by the length policy (distractors "
+            "dropped, then passages truncated), a longer DAP document split into chunks, any other longer "
+            "example dropped; all counted and logged (strict_length raises instead)."
+        },
     )
     packing: bool = field(
         default=True, metadata={"help": "Pack examples into bins of max_length tokens with boundary masking."}
