@@ -5,27 +5,16 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ragkern import PackingCollator, RagTrainer, RagTrainingArguments
 from ragkern import loss as loss_mod
 from ragkern.loss import causal_lm_loss
-from tests.ragkern.tiny import random_examples, tiny_model
+from tests.ragkern.tiny import GradCapture, random_examples, tiny_model
 
 
 def max_rel_diff(a, b):
     return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in a)
-
-
-class GradCapture(TrainerCallback):
-    """The gradients of the first optimizer step."""
-
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def run(model, batch, fused, n_items=None):

@@ -2,43 +2,12 @@
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from ragkern import PackingCollator, RagTrainer, RagTrainingArguments
+from ragkern import PackingCollator, RagTrainer
 from ragkern.loss import causal_lm_loss
-from tests.ragkern.tiny import random_examples, tiny_model, word_tokenizer
-
-
-def args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_length=32,
-        per_device_train_batch_size=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=7,
-    )
-    return RagTrainingArguments(**{**base, **kw})
-
-
-class GradCapture(TrainerCallback):
-    """Keeps the gradients of the first optimizer step (comparing updates p1 - p0 loses digits to rounding)."""
-
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {
-                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
-            }
+from tests.ragkern.tiny import GradCapture, random_examples, tiny_model, word_tokenizer
+from tests.ragkern.tiny import trainer_args as args
 
 
 def params(model):

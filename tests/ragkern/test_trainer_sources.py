@@ -4,13 +4,13 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
-from ragkern import PackingCollator, RagTrainer, RagTrainingArguments
+from ragkern import PackingCollator, RagTrainer
 from ragkern.data import RaftBuilder, RaftEpochDataset
 from ragkern.loss import causal_lm_loss
 from ragkern.packing import pack_lengths
-from tests.ragkern.tiny import raft_qa, random_examples, tiny_model, word_tokenizer
+from tests.ragkern.tiny import GradCapture, raft_qa, random_examples, tiny_model, word_tokenizer
+from tests.ragkern.tiny import trainer_args as args
 
 
 @pytest.fixture(autouse=True)
@@ -20,36 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_length=32,
-        per_device_train_batch_size=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=7,
-    )
-    return RagTrainingArguments(**{**base, **kw})
-
-
-class GradCapture(TrainerCallback):
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {
-                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
-            }
 
 
 def max_rel_diff(a, b):

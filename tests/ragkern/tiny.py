@@ -1,7 +1,7 @@
 """Tiny models, tokenizers and examples for tests, built from configs (nothing is downloaded)."""
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import ragkern  # noqa: F401  (registers the "ragkern" attention)
 from ragkern.data import build_word_tokenizer
@@ -77,3 +77,39 @@ def raft_qa(n_questions: int = 12, n_corpus: int = 40, seed: int = 0):
         for j in range(n_questions)
     ]
     return corpus, qa
+
+
+def trainer_args(tmp_path, **kw):
+    """RagTrainingArguments for exact small tests: plain SGD at a constant rate, no clipping or decay, one bin of
+    32 tokens per micro-batch, logs every step, nothing saved or reported."""
+    from ragkern import RagTrainingArguments
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_length=32,
+        per_device_train_batch_size=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=7,
+    )
+    return RagTrainingArguments(**{**base, **kw})
+
+
+class GradCapture(TrainerCallback):
+    """Keeps the gradients of the first optimizer step (comparing updates p1 - p0 loses digits to rounding)."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+            }
