@@ -2,17 +2,18 @@
 
 Trained with the passage block mask, a passage's keys and values depend on that passage alone, so they can be
 computed once, stored, and reused for every query that retrieves the passage: the prefill of a query then
-costs only its block-0 tokens (the prompt's header, the separators between passages and the question).
+costs only its block-0 tokens (the prompt's header, the passage markers "[k]", the separators and the
+question). The markers are block 0, so a passage's cache does not depend on the number the prompt gives it.
 
 Position scheme: a passage is encoded alone at positions ``0 .. L-1``. When a prompt places it at position
 ``p``, its cached keys are re-rotated by ``p`` (RoPE composes: ``R(p + i) = R(p) R(i)``), so attention sees the
 real prompt positions, exactly as in training (positions are never reset per passage). Values need no change.
 Block-0 tokens are computed fresh with the assembled cache, seeing every earlier token::
 
-    prompt      <s><|user|> Passages:  [1] alpha ...   [2] beta ...   Question: ... <|assistant|>
-    block_ids   0 ......................1 1 1 1 1 ....2 2 2 2 2 .....0 ............................
-    prefill     computed               cached @0,     cached @0,     computed (sees all earlier)
-                                       rotated to p1  rotated to p2
+    prompt      <s><|user|> Passages: [1] alpha ...  [2] beta ...   Question: ... <|assistant|>
+    block_ids   0 ................... 0 0 1 1 1 1 ... 0 0 2 2 2 2 ... 0 ............................
+    prefill     computed                  cached @0,      cached @0,   computed (sees all earlier)
+                                          rotated to p1   rotated to p2
 
 Usage::
 

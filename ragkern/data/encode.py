@@ -277,8 +277,11 @@ def _tokenize_raft(record: dict, tokenizer, markers: list[int] | None = None):
         p1 = p0 + len(p)
         search_from = p1
         spans.append((p0, p1))
-        # Tokens overlapping [p0, p1): a binary search, not a scan (records may hold thousands of passages).
-        first = np.searchsorted(ends[real], p0, side="right")
+        # The marker "[k] " stays in block 0, so a passage's keys and values (block attention) do not depend on
+        # the number the prompt gives it: one cache serves the passage at any position.
+        body = p0 + p.index("] ") + 2
+        # Tokens overlapping [body, p1): a binary search, not a scan (records may hold thousands of passages).
+        first = np.searchsorted(ends[real], body, side="right")
         last = np.searchsorted(starts[real], p1, side="left")
         block_ids[real[first:last]] = k
     example = {

@@ -39,9 +39,15 @@ def test_block_ids_mark_each_passage(chat):
     ex = encode(RAFT, tok)
     tokens = tok.convert_ids_to_tokens(ex["input_ids"])
     by_block = {b: [t for t, bb in zip(tokens, ex["block_ids"]) if bb == b] for b in (1, 2)}
-    assert by_block[1] == ["[", "1", "]", "alpha", "lives", "in", "paris"]
-    assert by_block[2] == ["[", "2", "]", "rome", ":", "beta", "lives", "in", "rome"]
+    assert by_block[1] == ["alpha", "lives", "in", "paris"]
+    assert by_block[2] == ["rome", ":", "beta", "lives", "in", "rome"]
     assert set(ex["block_ids"]) == {0, 1, 2}
+    # Markers "[k]" are block 0: a passage's block holds the same tokens whatever number the prompt gives it.
+    marks = [i for i, t in enumerate(tokens) if t == "["]
+    assert len(marks) == 2 and all(ex["block_ids"][i : i + 3] == [0, 0, 0] for i in marks)
+    swapped = encode({**RAFT, "passages": RAFT["passages"][::-1]}, tok)
+    swapped_tokens = tok.convert_ids_to_tokens(swapped["input_ids"])
+    assert [t for t, b in zip(swapped_tokens, swapped["block_ids"]) if b == 2] == by_block[1]
     # The question and the answer are global (block 0).
     answer_pos = [i for i, t in enumerate(ex["labels"]) if t != -100]
     assert all(ex["block_ids"][i] == 0 for i in answer_pos)
