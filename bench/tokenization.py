@@ -34,16 +34,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the map workers fork
 import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from datasets import Dataset, Features, Sequence, Value, disable_progress_bars  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import write_results  # noqa: E402
 
-from ragkern.data import encode_records  # noqa: E402
-from ragkern.data.tokenizer import CHAT_TEMPLATE  # noqa: E402
+from ragkern.data import build_bpe_tokenizer, encode_records  # noqa: E402
 
-SPECIALS = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 SYLLABLES = "ka lo ven mi tar so qui ne ra dul phe ost bri gan ze ul ter mon fa si".split()
 FEATURES = Features(
     {
@@ -74,21 +71,7 @@ def build_tokenizer(
     weights = 1.0 / np.arange(1, len(words) + 1)
     picks = rng.choice(len(words), size=text_words, p=weights / weights.sum())
     text = [" ".join(words[picks[i : i + 20]]) + "." for i in range(0, len(picks), 20)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=SPECIALS[3:],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return build_bpe_tokenizer(text, vocab_size=vocab_size)
 
 
 def make_records(n: int, words: np.ndarray, *, passage_words: int, seed: int = 0) -> dict[str, list]:

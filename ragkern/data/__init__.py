@@ -17,7 +17,7 @@ from .raft import RaftBuilder, RaftEpochDataset
 from .records import LoadError, Records, iter_records, load_records
 from .stats import pack_stats
 from .stream import EncodedStream, RaftStream
-from .tokenizer import build_word_tokenizer
+from .tokenizer import build_bpe_tokenizer, build_word_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -32,6 +32,7 @@ __all__ = [
     "RaftStream",
     "RecordError",
     "Records",
+    "build_bpe_tokenizer",
     "build_word_tokenizer",
     "encode",
     "encode_records",

@@ -1,10 +1,10 @@
-"""A word-level fast tokenizer built offline, for the demo, tests and self-checks (no hub download)."""
+"""Fast tokenizers built offline, for the demo, tests, benchmarks and self-checks (no hub download)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
@@ -49,6 +49,30 @@ def build_word_tokenizer(
         pad_token="<pad>",
         unk_token="<unk>",
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def build_bpe_tokenizer(
+    texts: Iterable[str], *, vocab_size: int, chat_template: str | None = CHAT_TEMPLATE
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts`` (like real LLM tokenizers, tokens merge across the spaces between
+    words), with the special tokens of :func:`build_word_tokenizer` and the same chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=specials[3:],
     )
     if chat_template is not None:
         fast.chat_template = chat_template

@@ -1,11 +1,8 @@
 """Instruction records: the loss covers the assistant turns (and their end-of-turn token) only."""
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
-from ragkern.data import encode
-from ragkern.data.tokenizer import CHAT_TEMPLATE
+from ragkern.data import build_bpe_tokenizer, encode
 from tests.ragkern.tiny import word_tokenizer
 
 CHAT = {
@@ -24,20 +21,7 @@ TEXT = (
 
 def bpe_tokenizer():
     """A byte-level BPE trained on the test text: tokens merge across words' spaces, like real tokenizers."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=specials[3:],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return build_bpe_tokenizer([TEXT], vocab_size=300)
 
 
 def target_runs(ex):
