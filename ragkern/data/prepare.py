@@ -110,6 +110,14 @@ def encode_records(
     return EncodedDataset(examples, stats)
 
 
+def check_encode_args(max_length: int, on_error: str) -> None:
+    """Raise on encoding arguments :func:`iter_encode_records` cannot honour (checked before any record is read)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
 def iter_encode_records(
     records: Iterable[dict],
     tokenizer,
@@ -128,10 +136,7 @@ def iter_encode_records(
     chunks one after another). ``stats`` (optional) is updated as examples are yielded; the warnings of the
     length policy are logged when the stream ends. Arguments as in :func:`encode_records`.
     """
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    check_encode_args(max_length, on_error)
     stats = EncodeStats() if stats is None else stats
     return _encode_stream(records, tokenizer, max_length, strict, trim, on_error, stats, show_progress)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from .prepare import EncodeStats, iter_encode_records
+from .prepare import EncodeStats, check_encode_args, iter_encode_records
 from .raft import RaftBuilder
 from .records import iter_records
 
@@ -75,10 +75,7 @@ class EncodedStream:
         trim: bool = True,
         on_error: str = "raise",
     ):
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        check_encode_args(max_length, on_error)
         self.records, self.tokenizer, self.max_length = records, tokenizer, max_length
         self.strict, self.trim, self.on_error = strict, trim, on_error
         self.stats = EncodeStats()
