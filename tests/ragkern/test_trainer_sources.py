@@ -12,14 +12,7 @@ from ragkern.packing import pack_lengths
 from tests.ragkern.tiny import GradCapture, raft_qa, random_examples, tiny_model, word_tokenizer
 from tests.ragkern.tiny import trainer_args as args
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread, and do not fight other jobs for the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def max_rel_diff(a, b):
