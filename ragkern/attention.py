@@ -115,6 +115,21 @@ def _masked_sdpa(
     return out.transpose(1, 2)
 
 
+def _compute_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype under autocast, else the value's when q, k, v differ.
+
+    Under autocast the projections are half precision but RoPE returns q and k in fp32 (its cos/sin are
+    fp32), so q, k, v reach attention in mixed dtypes; transformers' flash-attention integration casts them to
+    the autocast dtype, as this does.
+    """
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if query.dtype == key.dtype == value.dtype:
+        return query.dtype
+    return value.dtype
+
+
 def ragkern_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -128,6 +143,8 @@ def ragkern_attention_forward(
     """``AttentionInterface`` entry point: q ``(B, Hq, Q, D)``, k/v ``(B, Hkv, K, D)`` -> ``(B, Q, Hq, D)``."""
     B, Hq, Q, D = query.shape
     K = key.shape[2]
+    dtype = _compute_dtype(query, key, value)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     cu = kwargs.get("cu_seq_lens_q")
