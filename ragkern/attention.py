@@ -20,6 +20,8 @@ Padded batches and decoding with a KV cache (query shorter than keys) run SDPA w
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -34,6 +36,56 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
 
 NAME = "ragkern"
+
+
+# Packed rows whose boundaries were checked: id(cu_seq_lens_q) -> (ref to it, its version, ref to
+# cu_seq_lens_k, longest example). Every layer of a forward gets the same tensors, so only the first pays the
+# device-to-host copy; RagTrainer checks its batches on the host before moving them (no copy at all).
+_checked: dict[int, tuple[weakref.ref, int, weakref.ref | None, int]] = {}
+
+
+def check_packed_row(
+    cu_q: torch.Tensor, cu_k: torch.Tensor | None, total: int, max_length: int | None = None
+) -> int:
+    """Check one packed row's boundaries and return its longest example; remember the tensors as checked.
+
+    ``cu_q`` (and ``cu_k``, which must equal it) are the ``(n + 1,)`` example offsets of a row of ``total``
+    tokens; ``max_length`` (the collator's ``max_length_q``) must be at least the longest example. One
+    device-to-host copy when the offsets live on a GPU, none on the CPU.
+    """
+    bounds = cu_q.tolist()
+    if cu_k is not None and cu_k is not cu_q and cu_k.tolist() != bounds:
+        raise NotImplementedError("the 'ragkern' attention needs cu_seq_lens_k == cu_seq_lens_q")
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(
+            f"cu_seq_lens_q must run from 0 to the row's {total} tokens; got {bounds[:3]}...{bounds[-2:]}"
+        )
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if min(lengths) < 0:
+        raise ValueError("cu_seq_lens_q must be non-decreasing")
+    longest = max(lengths)
+    if max_length is not None and int(max_length) < longest:
+        raise ValueError(f"max_length_q={int(max_length)} is smaller than the longest example ({longest})")
+    mark_checked(cu_q, cu_k, longest)
+    return longest
+
+
+def mark_checked(cu_q: torch.Tensor, cu_k: torch.Tensor | None, longest: int) -> None:
+    """Record ``cu_q``/``cu_k`` (e.g. after moving checked host tensors to the GPU) as checked, with the row's
+    longest example, so the attention layers skip :func:`check_packed_row`."""
+    if len(_checked) > 64:
+        _checked.clear()
+    k_ref = None if cu_k is None or cu_k is cu_q else weakref.ref(cu_k)
+    _checked[id(cu_q)] = (weakref.ref(cu_q), cu_q._version, k_ref, longest)
+
+
+def _checked_longest(cu_q: torch.Tensor, cu_k: torch.Tensor | None) -> int | None:
+    entry = _checked.get(id(cu_q))
+    if entry is None or entry[0]() is not cu_q or entry[1] != cu_q._version:
+        return None
+    if cu_k is not None and cu_k is not cu_q and (entry[2] is None or entry[2]() is not cu_k):
+        return None
+    return entry[3]
 
 
 def _unsupported(module: torch.nn.Module, longest: int, dropout: float, kwargs: dict) -> None:
@@ -151,17 +203,17 @@ def ragkern_attention_forward(
     block_ids = kwargs.get("block_ids")
 
     if cu is not None:
-        cu_k = kwargs.get("cu_seq_lens_k")
-        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
-            raise NotImplementedError("the 'ragkern' attention needs cu_seq_lens_k == cu_seq_lens_q")
         if B != 1 or Q != K:
             raise ValueError(
                 f"cu_seq_lens_q describes one packed row; got batch {B}, {Q} queries and {K} keys "
                 "(packed rows have batch size 1 and no KV cache)"
             )
+        cu_k, max_len = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q")
+        longest = _checked_longest(cu, cu_k)
+        if longest is None:  # the first layer of a forward on unchecked offsets: one host copy
+            longest = check_packed_row(cu, cu_k, Q, max_len)
+        max_len = longest if max_len is None else int(max_len)
         cu = cu.to(device=query.device, dtype=torch.int32)
-        max_len = kwargs.get("max_length_q")
-        max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
     elif attention_mask is None and Q == K and kwargs.get("position_ids") is not None:
         # Fallback: infer boundaries per row from position_ids restarting at 0; rows are flattened.
         pos = kwargs["position_ids"].expand(B, -1)

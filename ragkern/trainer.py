@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .attention import NAME as RAGKERN_ATTENTION
+from .attention import check_packed_row, mark_checked
 from .collator import PackingCollator, PaddingCollator
 from .data.encode import IGNORE_INDEX
 from .data.prepare import EncodedDataset, EncodeStats, encode_records
@@ -622,7 +623,8 @@ class RagTrainer(Trainer):
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
         )
-        loader = self.accelerator.prepare(loader)
+        # Batches stay on the host until _prepare_inputs, which checks a packed row's boundaries there first.
+        loader = self.accelerator.prepare_data_loader(loader, device_placement=False)
         # The sampler already deals bins to ranks; make accelerate's shard wrapper a passthrough.
         shard = getattr(loader, "batch_sampler", None)
         if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
@@ -744,6 +746,19 @@ class RagTrainer(Trainer):
                 test_dataset = self._encode(test_dataset, self.processing_class, self.args, purpose="predict")
             return super().get_test_dataloader(test_dataset)
         return self._eval_loader(test_dataset, "predict")
+
+    def _prepare_inputs(self, inputs):
+        """Check a packed row's boundaries on the host, then move it: the attention layers skip the check
+        (no device-to-host copy per layer; see :func:`ragkern.attention.check_packed_row`)."""
+        cu = inputs.get("cu_seq_lens_q")
+        longest = None
+        if isinstance(cu, torch.Tensor) and cu.device.type == "cpu":
+            total = inputs["input_ids"].shape[-1]
+            longest = check_packed_row(cu, inputs.get("cu_seq_lens_k"), total, inputs.get("max_length_q"))
+        prepared = super()._prepare_inputs(inputs)
+        if longest is not None:
+            mark_checked(prepared["cu_seq_lens_q"], prepared.get("cu_seq_lens_k"), longest)
+        return prepared
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)

@@ -28,15 +28,8 @@ def tiny_model(
 
     spec = dict(TINY[family])
     model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=512,
-        **{**spec, **overrides},
-    )
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**sizes, **spec, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     return model.eval()
