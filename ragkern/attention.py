@@ -249,3 +249,6 @@ def register() -> None:
     """Register "ragkern" with transformers' attention and mask interfaces (done by ``import ragkern``)."""
     AttentionInterface.register(NAME, ragkern_attention_forward)
     AttentionMaskInterface.register(NAME, ragkern_mask)
+
+
+register()  # importing this module (which ``import ragkern`` arranges) makes "ragkern" available
