@@ -47,7 +47,7 @@ from transformers import (
 from .data import EncodeStats, RaftBuilder, RaftEpochDataset, encode_records, load_records, mix_sources
 from .data.tokenizer import build_word_tokenizer
 from .selftest import small_config
-from .trainer import RagTrainer, RagTrainingArguments
+from .trainer import RagTrainer, RagTrainingArguments, get_peft_model_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +463,7 @@ def _build_model(model_args: ModelArguments, tokenizer, training_args: RagTraini
 
 
 def _add_lora(model, model_args: ModelArguments, base_dir: Path | None):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     if base_dir is not None:  # a random base: save it, so the adapter can be loaded onto it
         model.save_pretrained(base_dir)
@@ -476,7 +476,7 @@ def _add_lora(model, model_args: ModelArguments, base_dir: Path | None):
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    model = get_peft_model_quietly(model, config)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d: %d of %d parameters trainable", model_args.lora_r, trainable, total)
     return model

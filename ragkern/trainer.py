@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +104,15 @@ class RagTrainingArguments(TrainingArguments):
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs labels and block_ids."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. False here (Trainer's None means True without gradient "
+            "checkpointing): a causal LM uses every trainable parameter in each step, and the search costs an "
+            "extra autograd traversal per step and a warning per rank. Set True for a model with parameters "
+            "that a step may skip."
+        },
     )
 
     def __post_init__(self):
@@ -261,9 +271,19 @@ def _load_model(name: str, args: RagTrainingArguments, tokenizer):
     return model, tokenizer
 
 
+def get_peft_model_quietly(model: torch.nn.Module, peft_config) -> torch.nn.Module:
+    """``peft.get_peft_model`` without the FutureWarning transformers >= 5.2x raises when peft reads the
+    deprecated ``is_gradient_checkpointing`` (peft's code, nothing a user can act on)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model_quietly(model, peft_config)
+
+
 def _wrap_peft(model: torch.nn.Module, peft_config, args: RagTrainingArguments) -> torch.nn.Module:
     """``peft.get_peft_model(model, peft_config)``, with input gradients for gradient checkpointing."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     if isinstance(model, PeftModel):
         raise ValueError(
