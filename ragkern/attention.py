@@ -122,6 +122,9 @@ def _packed_attention(
     block_ids: torch.Tensor | None,
 ) -> torch.Tensor:
     """q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``."""
+    if not q.is_cuda and torch.compiler.is_compiling():
+        # the exact CPU path reads the offsets on the host; a compiled graph cannot: mask the row instead
+        return _row_masked_sdpa(q, k, v, cu_seqlens, causal=causal, scale=scale, block_ids=block_ids)
     if q.is_cuda and flash_attn_varlen_func is not None and block_ids is None and q.dtype != torch.float32:
         return flash_attn_varlen_func(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal
@@ -137,6 +140,39 @@ def _packed_attention(
         block_ids=block_ids,
         backend="auto",
     )
+
+
+def _row_masked_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    block_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """The packed row as one SDPA call with a ``(T, T)`` mask built on the device (no host read, so it
+    traces under ``torch.compile(fullgraph=True)``): q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``.
+    Same result as the per-example path; memory grows with T^2, which is why it is only the compiled CPU path.
+    """
+    T = q.shape[0]
+    pos = torch.arange(T, device=q.device)
+    example = torch.searchsorted(cu_seqlens.to(torch.int64), pos, right=True)  # (T,) example of each token
+    allowed = example[:, None] == example[None, :]
+    if causal:
+        allowed &= pos[:, None] >= pos[None, :]
+    if block_ids is not None:
+        allowed &= (block_ids[:, None] == block_ids[None, :]) | (block_ids[:, None] == 0)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=allowed,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # (1, Hq, T, D)
+    return out[0].transpose(0, 1)
 
 
 def _masked_sdpa(
@@ -209,10 +245,13 @@ def ragkern_attention_forward(
                 "(packed rows have batch size 1 and no KV cache)"
             )
         cu_k, max_len = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q")
-        longest = _checked_longest(cu, cu_k)
-        if longest is None:  # the first layer of a forward on unchecked offsets: one host copy
-            longest = check_packed_row(cu, cu_k, Q, max_len)
-        max_len = longest if max_len is None else int(max_len)
+        if torch.compiler.is_compiling():  # no host read in a graph: check rows before (RagTrainer does)
+            max_len = Q if max_len is None else int(max_len)
+        else:
+            longest = _checked_longest(cu, cu_k)
+            if longest is None:  # the first layer of a forward on unchecked offsets: one host copy
+                longest = check_packed_row(cu, cu_k, Q, max_len)
+            max_len = longest if max_len is None else int(max_len)
         cu = cu.to(device=query.device, dtype=torch.int32)
     elif attention_mask is None and Q == K and kwargs.get("position_ids") is not None:
         # Fallback: infer boundaries per row from position_ids restarting at 0; rows are flattened.

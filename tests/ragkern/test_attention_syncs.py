@@ -120,3 +120,21 @@ def test_bad_offsets_are_refused():
     other[1] += 1
     with pytest.raises(NotImplementedError, match="cu_seq_lens_k == cu_seq_lens_q"):
         ragkern.attention.check_packed_row(cu, other, int(cu[-1]))
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["plain", "block_mask"])
+def test_packed_forward_compiles_as_one_graph(blocks):
+    """torch.compile(fullgraph=True) of a packed forward (the CPU torch backend: no host read in the graph)
+    gives the eager logits."""
+    examples = random_examples([7, 3, 12, 5], seed=4)
+    if blocks:
+        for ex in examples:  # a passage block in the middle of each example
+            n = len(ex["input_ids"])
+            ex["block_ids"] = [0] * (n // 3) + [1] * (n // 3) + [0] * (n - 2 * (n // 3))
+    batch = PackingCollator(block_attention=blocks)(examples)
+    batch.pop("labels")
+    model = tiny_model("llama")
+    with torch.no_grad():
+        eager = model(**batch, use_cache=False).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**batch, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
