@@ -278,7 +278,7 @@ def get_peft_model_quietly(model: torch.nn.Module, peft_config) -> torch.nn.Modu
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model_quietly(model, peft_config)
+        return get_peft_model(model, peft_config)
 
 
 def _wrap_peft(model: torch.nn.Module, peft_config, args: RagTrainingArguments) -> torch.nn.Module:
@@ -291,7 +291,7 @@ def _wrap_peft(model: torch.nn.Module, peft_config, args: RagTrainingArguments) 
         )
     if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-carrying input
-    return get_peft_model(model, peft_config)
+    return get_peft_model_quietly(model, peft_config)
 
 
 def _require_examples(dataset, purpose: str, args: RagTrainingArguments):

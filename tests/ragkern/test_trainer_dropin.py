@@ -405,3 +405,16 @@ def test_unpacked_evaluation_gives_the_packed_predictions_and_loss(tmp_path, one
     np.testing.assert_allclose(padded.predictions, packed.predictions, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(padded.label_ids, packed.label_ids)
     assert padded_loss == pytest.approx(packed_loss, rel=1e-5)
+
+
+def test_peft_wrapping_raises_no_future_warning():
+    import warnings
+
+    from peft import LoraConfig
+
+    from ragkern.trainer import get_peft_model_quietly
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = get_peft_model_quietly(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert sum(p.requires_grad for p in model.parameters()) == 4  # lora_A and lora_B of 2 layers
