@@ -65,9 +65,15 @@ def test_eval_cli_matches_the_python_api(saved, capsys):
     assert table[3].split()[:3] == ["distractors", "only", "2"]
 
 
-def test_eval_cli_rejects_records_that_are_not_raft(saved):
+def test_eval_cli_rejects_records_that_are_not_raft(saved, capsys):
     path, _, _ = saved
     bad = path / "bad.jsonl"
     bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"text": "raw text"}) + "\n")
-    with pytest.raises(LoadError, match=r"bad.jsonl:2: a dap record where raft records are expected"):
-        main(["eval", "--model", str(path / "model"), "--data", str(bad)])
+    assert main(["eval", "--model", str(path / "model"), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("ragkern eval: error: ")
+        and "bad.jsonl:2: a dap record where raft records are expected" in err
+    )
+    with pytest.raises(LoadError, match=r"bad.jsonl:2: a dap record"):  # --debug: the exception itself
+        main(["eval", "--model", str(path / "model"), "--data", str(bad), "--debug"])
