@@ -15,6 +15,7 @@ Dry run: the same configs shrunk (``ragkern.selftest.small_config``), rows of 25
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 
@@ -47,7 +48,7 @@ HF_BATCH = 4  # examples per padded step: at most 4 x 3.5k tokens, no more than 
 def _config(ctx: Ctx, name: str):
     from transformers import AutoConfig
 
-    values = dict(CONFIGS[name])
+    values = copy.deepcopy(CONFIGS[name])  # transformers rewrites rope_scaling in place
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     if ctx.dry:
         from ragkern.selftest import small_config
