@@ -19,7 +19,7 @@ PARTS = ("correctness", "attention", "flce", "lora", "e2e")
 # Seconds per part. A part stops starting cases when its budget is spent, and a case still running past it
 # (plus a grace of a quarter of the budget, at most 30 s) is interrupted; LIMIT caps the whole run.
 BUDGETS = {
-    "quick": {"warmup": 45, "correctness": 60, "attention": 75, "flce": 40, "lora": 20, "e2e": 70},
+    "quick": {"warmup": 45, "correctness": 70, "attention": 70, "flce": 35, "lora": 20, "e2e": 70},
     "full": {"warmup": 60, "correctness": 120, "attention": 140, "flce": 70, "lora": 35, "e2e": 120},
     "dry-run": {"warmup": 60, "correctness": 150, "attention": 60, "flce": 40, "lora": 40, "e2e": 150},
 }

@@ -24,7 +24,6 @@ KNOWN_BF16_CRASH = "q, k, v must share one of fp16/bf16/fp32"
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-dry-run")
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--dry-run", "--output", str(out)],
         cwd=ROOT,
@@ -33,12 +32,12 @@ def dry_run(tmp_path_factory):
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads((out / cli.JSON_NAME).read_text()), out, time.perf_counter() - t0
+    return proc, json.loads((out / cli.JSON_NAME).read_text()), out
 
 
 @pytest.mark.slow
 def test_dry_run_runs_every_case_of_every_part(dry_run):
-    proc, record, out, _ = dry_run
+    proc, record, out = dry_run
     assert record["mode"] == "dry-run" and list(record["parts"]) == list(cli.PARTS)
     assert "error" not in record["ceilings"] and "error" not in record["environment"]
     assert record["warmup"]["tasks"] and all(t["status"] == "ok" for t in record["warmup"]["tasks"].values())
@@ -60,7 +59,7 @@ def test_dry_run_runs_every_case_of_every_part(dry_run):
 def test_dry_run_checks_pass(dry_run):
     """Kernels in the interpreter against float64, the torch paths against the peers: all pass, except the
     cases that train while the bf16-autocast crash is open."""
-    _, record, _, _ = dry_run
+    _, record, _ = dry_run
     bad = {
         (p, n): c
         for p, rec in record["parts"].items()
@@ -79,11 +78,6 @@ def test_dry_run_checks_pass(dry_run):
                 assert r["status"] in ("ok", "skipped"), (name, r)
     if bad:
         pytest.xfail(f"RagTrainer's bf16-autocast crash (fixed on another branch) fails {sorted(bad)}")
-
-
-@pytest.mark.slow
-def test_dry_run_time(dry_run):
-    assert dry_run[3] < 600  # seconds; about 1.5 min of CPU on two cores
 
 
 # ------------------------------------------------------------------------------------------- harness
