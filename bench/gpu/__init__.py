@@ -16,6 +16,6 @@ runs):
     lora         LoRA linear vs peft's layer                                       (bench/gpu/micro.py)
     e2e          RagTrainer vs Trainer + padding + sdpa on Qwen2.5-0.5B / Llama-3.2-1B shapes (bench/gpu/e2e.py)
 
-Everything lands in DIR/gpu_bench.json (rewritten after every part, so a killed run keeps what it measured);
+Everything lands in DIR/gpu_bench.json (rewritten after every case, so a killed run keeps what it measured);
 the last thing printed is a short table, also in DIR/table.txt.
 """

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.parts:
         print(f"part {part}:", flush=True)
         rec = record["parts"][part] = {}
-        runner = harness.Part(part, ctx, BUDGETS[mode][part], deadline, rec)
+        runner = harness.Part(part, ctx, BUDGETS[mode][part], deadline, rec, on_case=write)
         for name, fn, kwargs, _ in plans[part]:
             runner.case(name, fn, **kwargs)
         runner.finish()

@@ -197,10 +197,10 @@ def free_memory(ctx: Ctx) -> None:
 class Part:
     """Runs one part's cases within ``budget_s`` seconds (and the whole run's ``deadline``, a perf_counter)."""
 
-    def __init__(self, name: str, ctx: Ctx, budget_s: float, deadline: float, record: dict):
+    def __init__(self, name: str, ctx: Ctx, budget_s: float, deadline: float, record: dict, on_case=None):
         self.name, self.ctx, self.budget_s, self.deadline = name, ctx, budget_s, deadline
         self.start = time.perf_counter()
-        self.record = record
+        self.record, self.on_case = record, on_case  # on_case(): e.g. rewrite the JSON after every case
         record.update(budget_s=budget_s, cases={})
 
     def remaining(self) -> float:
@@ -236,6 +236,8 @@ class Part:
         free_memory(self.ctx)
         print(f"  [{self.name}] {name}: {entry['status']} ({entry['elapsed_s']} s)"
               + (f" {entry['error'][:200]}" if entry["status"] == "error" else ""), flush=True)  # fmt: skip
+        if self.on_case is not None:
+            self.on_case()
         return entry
 
     def finish(self) -> None:
