@@ -140,6 +140,8 @@ def _table(record: dict) -> list[str]:
              + f" | torch {v.get('torch')} triton {v.get('triton')} transformers {v.get('transformers')}",
              f"ceilings: copy {ceil.get('copy_GBps', '?')} GB/s | bf16 matmul {ceil.get('matmul_n', '?')}^3 "
              f"{ceil.get('matmul_bf16_TFLOPs', '?')} TFLOP/s"]  # fmt: skip
+    if record["mode"] == "dry-run":
+        lines.append("(dry run: tiny shapes on the CPU; the times only show that the code runs)")
     for part in PARTS:
         rec = record["parts"].get(part)
         if rec is None:

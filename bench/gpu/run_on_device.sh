@@ -3,6 +3,7 @@
 #
 #     bash bench/gpu/run_on_device.sh            # --quick: under 6 minutes
 #     bash bench/gpu/run_on_device.sh --full     # every case: under 10 minutes
+#     bash bench/gpu/run_on_device.sh --parts e2e,flce   # any further flags go to python -m bench.gpu
 #
 # Installs the wheels into a temporary folder (no network), runs python -m bench.gpu and writes gpu_bench.json,
 # table.txt and log.txt to $OUT (the device tool's return folder; /tmp/gpu-bench elsewhere). A hard timeout stops
