@@ -158,22 +158,28 @@ def test_ratio_only_against_peers_that_agree_and_run_the_backward():
     assert results["ours"]["speedup_vs_best_peer"] == 1.5
 
 
-def test_no_speedup_for_a_kernel_whose_check_failed():
+def test_no_speedup_for_a_kernel_whose_bf16_check_failed():
     impl = {"ours": True, "status": "ok", "speedup_vs_best_peer": 1.4}
+    checks = {
+        "flce bf16 plain": "failed",
+        "lora bf16 r=16 dropout=0.0": "ok",
+        "lora fp32 r=16 dropout=0.0": "failed",
+    }
     record = {"parts": {
-        "correctness": {"cases": {"flce bf16 plain": {"status": "failed"}, "lora bf16 r=16 dropout=0.0": {"status": "ok"}}},
+        "correctness": {"counts": {"ok": 1}, "cases": {n: {"status": s} for n, s in checks.items()}},
         "flce": {"cases": {"flce 1k targets": {"impls": {"ragkern": dict(impl)}}}},
         "lora": {"cases": {"lora dropout=0.0": {"impls": {"ragkern_kernel": dict(impl)}}}},
+        "attention": {"cases": {"attention D=128 causal": {"impls": {"ragkern_triton": dict(impl)}}}},
     }}  # fmt: skip
     cli._withhold(record)
-    flce = record["parts"]["flce"]["cases"]["flce 1k targets"]["impls"]["ragkern"]
-    assert "speedup_vs_best_peer" not in flce and flce["speedup_withheld"]["speedup_vs_best_peer"] == 1.4
+    impls = {p: next(iter(c["impls"].values())) for p, rec in record["parts"].items() if p != "correctness"
+             for c in rec["cases"].values()}  # fmt: skip
     assert (
-        record["parts"]["lora"]["cases"]["lora dropout=0.0"]["impls"]["ragkern_kernel"][
-            "speedup_vs_best_peer"
-        ]
-        == 1.4
+        "speedup_vs_best_peer" not in impls["flce"]
+        and impls["flce"]["speedup_withheld"]["speedup_vs_best_peer"] == 1.4
     )
+    assert impls["lora"]["speedup_vs_best_peer"] == 1.4 and "fp32" in impls["lora"]["correctness_note"]
+    assert "did not run" in impls["attention"]["speedup_withheld"]["why"]  # no attention check ran
 
 
 # ------------------------------------------------------------------------------------------- bootstrap
