@@ -27,7 +27,7 @@ TOL = {
 
 
 def _dtypes(ctx: Ctx) -> list[str]:
-    return ["fp32", "fp16"] if interpreting() else ["fp32", "fp16", "bf16"]
+    return ["fp32", "fp16"] if ctx.dry or interpreting() else ["fp32", "fp16", "bf16"]
 
 
 def _randn(g: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
@@ -337,26 +337,29 @@ def trainer_invariants(ctx: Ctx) -> dict:
 
 
 def plan(ctx: Ctx) -> list[tuple[str, object, dict, bool]]:
-    """(case name, function, kwargs, warmable) of this part, in run order."""
-    cases = []
+    """(case name, function, kwargs, warmable) of this part, in run order: bf16 (what the benchmarks and
+    training run) first, then the invariants, then fp16 and fp32, so a spent budget skips the least needed."""
     dims = [16] if ctx.dry else [64, 128] if ctx.quick else [64, 128, 96, 256]
+    by_dtype = {}
     for dtype in _dtypes(ctx):
+        cases = []
         for D in dims:
             if ctx.quick and dtype != "bf16" and D != 128:
-                continue  # quick: every dtype at D=128, bf16 (the training dtype) at every head_dim
+                continue  # quick: every dtype at D=128, bf16 at every head_dim
             for blocks in (False, True):
                 cases.append((f"attention {dtype} D={D} {'blocks' if blocks else 'causal'}", attention_case,
                               dict(dtype=dtype, head_dim=D, blocks=blocks), True))  # fmt: skip
-    if not ctx.quick:
-        dtype, D = ("fp32", 16) if ctx.dry else ("bf16", 128)
-        cases.append((f"attention {dtype} D={D} non-causal", attention_case,
-                      dict(dtype=dtype, head_dim=D, blocks=False, causal=False), True))  # fmt: skip
-    for dtype in _dtypes(ctx):
+        if not ctx.quick and dtype == ("fp32" if ctx.dry else "bf16"):
+            cases.append((f"attention {dtype} D={dims[-1] if ctx.dry else 128} non-causal", attention_case,
+                          dict(dtype=dtype, head_dim=dims[-1] if ctx.dry else 128, blocks=False, causal=False), True))  # fmt: skip
         for variant in ("plain", "all"):
             cases.append((f"flce {dtype} {variant}", flce_case, dict(dtype=dtype, variant=variant), True))
         for p in (0.0, 0.1):
             cases.append((f"lora {dtype} r=16 dropout={p}", lora_case, dict(dtype=dtype, dropout=p), True))
-    if not ctx.quick and not ctx.dry:
-        cases.append(("lora bf16 r=8 dropout=0.0", lora_case, dict(dtype="bf16", dropout=0.0, rank=8), True))
-    cases.append(("trainer invariants bf16 autocast", trainer_invariants, {}, False))
-    return cases
+        if dtype == "bf16" and not ctx.quick:
+            cases.append(
+                ("lora bf16 r=8 dropout=0.0", lora_case, dict(dtype="bf16", dropout=0.0, rank=8), True)
+            )
+        by_dtype[dtype] = cases
+    invariants = [("trainer invariants bf16 autocast", trainer_invariants, {}, False)]
+    return by_dtype.get("bf16", []) + invariants + by_dtype["fp16"] + by_dtype["fp32"]
