@@ -1,0 +1,297 @@
+"""``python -m bench.gpu --output DIR [--quick] [--dry-run]``: see the package docstring."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import bootstrap
+
+START = time.perf_counter()
+PARTS = ("correctness", "attention", "flce", "lora", "e2e")
+# Seconds per part. A part stops starting cases when its budget is spent, and a case still running past it
+# (plus a grace of a quarter of the budget, at most 30 s) is interrupted; LIMIT caps the whole run.
+BUDGETS = {
+    "quick": {"warmup": 45, "correctness": 70, "attention": 70, "flce": 35, "lora": 20, "e2e": 70},
+    "full": {"warmup": 60, "correctness": 120, "attention": 140, "flce": 70, "lora": 35, "e2e": 120},
+    "dry-run": {"warmup": 60, "correctness": 150, "attention": 60, "flce": 40, "lora": 40, "e2e": 150},
+}
+LIMIT = {"quick": 340, "full": 570, "dry-run": 600}
+FAMILY = {"attention": "attention ", "flce": "flce ", "lora": "lora "}  # micro part -> its correctness cases
+JSON_NAME, TABLE_NAME = "gpu_bench.json", "table.txt"
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.gpu", description="ragkern's GPU proof in one command.")
+    p.add_argument("--output", required=True, type=Path, help="folder for gpu_bench.json and table.txt")
+    p.add_argument("--quick", action="store_true", help="the short run (under 6 minutes on an H100)")
+    p.add_argument("--dry-run", action="store_true", help="every part on the CPU with tiny shapes (CI)")
+    p.add_argument(
+        "--wheels", type=Path, default=None, help=f"wheels to install first (default {bootstrap.WHEELS})"
+    )
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--no-warmup", action="store_true", help="skip the parallel compile warm-up")
+    p.add_argument(
+        "--time-limit", type=float, default=None, help="seconds for the whole run (default by mode)"
+    )
+    args = p.parse_args(argv)
+    parts = [x for x in args.parts.split(",") if x]
+    if not set(parts) <= set(PARTS):
+        p.error(f"--parts takes names from {PARTS}; got {parts}")
+    args.parts = [x for x in PARTS if x in parts]
+    return args
+
+
+def _versions() -> dict:
+    names = ("torch", "triton", "transformers", "peft", "accelerate", "numpy", "safetensors", "tokenizers",
+             "liger-kernel", "cut-cross-entropy", "flash-attn", "datasets", "pytest-benchmark")  # fmt: skip
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def _environment(ctx) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+           "versions": _versions(), "torch_cuda": torch.version.cuda,
+           "triton_interpret": os.environ.get("TRITON_INTERPRET")}  # fmt: skip
+    env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if ctx.cuda:
+        p = torch.cuda.get_device_properties(ctx.device)
+        env["device"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+                         "memory_bytes": p.total_memory, "l2_bytes": getattr(p, "L2_cache_size", None)}  # fmt: skip
+        query = (
+            "name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu"
+        )
+        try:
+            smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)  # fmt: skip
+            env["nvidia_smi"] = dict(zip(query.split(","), (x.strip() for x in smi.stdout.split(","))))
+        except (OSError, subprocess.SubprocessError) as e:
+            env["nvidia_smi"] = {"error": repr(e)}
+    else:
+        env["device"] = {"name": "cpu (dry run)"}
+    try:
+        from torch.nn.attention import varlen
+
+        env["torch_varlen_attn"] = hasattr(varlen, "varlen_attn")
+    except ImportError:
+        env["torch_varlen_attn"] = False
+    return env
+
+
+def _plans(ctx, parts, matmul_tflops):
+    from . import correctness, e2e, micro
+
+    plans = {"correctness": correctness.plan(ctx), "e2e": e2e.plan(ctx, matmul_tflops)}
+    plans.update({p: micro.plan(ctx, p) for p in ("attention", "flce", "lora")})
+    return {p: plans[p] for p in parts}
+
+
+def _warm_tasks(plans) -> list:
+    return [(f"{part}: {name}", fn.__module__, fn.__name__, kw)
+            for part, cases in plans.items() for name, fn, kw, warmable in cases if warmable]  # fmt: skip
+
+
+def _withhold(record: dict) -> None:
+    """No speedup is reported for a kernel whose bf16 checks (the dtype the benchmarks run) failed on this device,
+    or did not run; failed checks in other dtypes are noted next to the speedup."""
+    checks = record["parts"].get("correctness", {}).get("cases", {})
+    for part, prefix in FAMILY.items():
+        mine = {n: c["status"] for n, c in checks.items() if n.startswith(prefix)}
+        bad = sorted(n for n, s in mine.items() if s in ("failed", "error"))
+        bf16 = [n for n, s in mine.items() if " bf16 " in n and s != "skipped"]  # the bf16 checks that ran
+        bad_bf16 = [n for n in bad if n in bf16]
+        why = "bf16 correctness checks did not run" if not bf16 else None
+        why = f"bf16 correctness failed on this device: {bad_bf16[:4]}" if bad_bf16 else why
+        for case in record["parts"].get(part, {}).get("cases", {}).values():
+            for impl in case.get("impls", {}).values():
+                if impl.get("speedup_vs_best_peer") is None:
+                    continue
+                if why:
+                    impl["speedup_withheld"] = {
+                        "speedup_vs_best_peer": impl.pop("speedup_vs_best_peer"),
+                        "why": why,
+                    }
+                elif bad:
+                    impl["correctness_note"] = f"checks failed in other dtypes: {bad[:4]}"
+
+
+def _fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _table(record: dict) -> list[str]:
+    env, ceil = record.get("environment", {}), record.get("ceilings", {})
+    v = env.get("versions", {})
+    dev = env.get("device", {}).get("name", "?")
+    driver = env.get("nvidia_smi", {}).get("driver_version")
+    lines = [f"== ragkern GPU proof ({record['mode']}) on {dev}" + (f", driver {driver}" if driver else "")
+             + f" | torch {v.get('torch')} triton {v.get('triton')} transformers {v.get('transformers')}",
+             f"ceilings: copy {ceil.get('copy_GBps', '?')} GB/s | bf16 matmul {ceil.get('matmul_n', '?')}^3 "
+             f"{ceil.get('matmul_bf16_TFLOPs', '?')} TFLOP/s"]  # fmt: skip
+    if record["mode"] == "dry-run":
+        lines.append("(dry run: tiny shapes on the CPU; the times only show that the code runs)")
+    for part in PARTS:
+        rec = record["parts"].get(part)
+        if rec is None:
+            continue
+        c = rec.get("counts", {})
+        lines.append(f"-- {part}: {c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('error', 0)} error, "
+                     f"{c.get('skipped', 0)} skipped, {rec.get('elapsed_s', '?')} s of {rec.get('budget_s')} s")  # fmt: skip
+        for name, case in rec.get("cases", {}).items():
+            lines += _case_lines(part, name, case)
+    return lines
+
+
+def _e2e_way(way: str, r: dict) -> str:
+    if "tokens_per_s" not in r:
+        return f"{way} ERROR {str(r.get('error', 'did not run'))[:80]}"
+    mfu = f" MFU {r['mfu_vs_measured_matmul']:.2f}" if "mfu_vs_measured_matmul" in r else ""
+    return f"{way} {r['tokens_per_s']:.0f} tok/s{mfu} {_fmt_bytes(r['peak_mem_bytes'])}"
+
+
+def _check_detail(case: dict) -> str:
+    """The worst output of a failed check: NaN (an element never written) or its errors against the tolerance."""
+    if "error" in case or "reason" in case:
+        return str(case.get("error") or case.get("reason"))
+    if "metrics" in case:
+        tol, m = case["tolerance"], case["metrics"]
+        nan = [k for k, v in m.items() if not v["finite"]]
+        worst = max(m, key=lambda k: max(m[k]["rel_err"] / tol, m[k]["max_row_err"] / (10 * tol)))
+        w = m[worst]
+        return (f"NaN/inf in {nan}; " if nan else "") + (
+            f"worst {worst}: rel {w['rel_err']:.2e}, row {w['max_row_err']:.2e} (tol {tol:.0e}, rows {10 * tol:.0e})"
+        )
+    return json.dumps({k: case[k] for k in ("equivalence", "leakage") if k in case})
+
+
+def _case_lines(part: str, name: str, case: dict) -> list[str]:
+    status = case["status"]
+    if part == "correctness":
+        return [] if status == "ok" else [f"   {name}: {status.upper()} {_check_detail(case)[:170]}"]
+    if part == "e2e" and ("ragkern" in case or "hf" in case):
+        return [f"   {name}: " + " | ".join(_e2e_way(w, case.get(w, {})) for w in ("ragkern", "hf"))
+                + (f" | x{case['speedup_tokens_per_s']}" if "speedup_tokens_per_s" in case else f" | {status.upper()}")]  # fmt: skip
+    if status != "ok":
+        return [f"   {name}: {status.upper()} {(case.get('error') or case.get('reason') or '')[:150]}"]
+    impls = case.get("impls", {})
+    ours = [(n, r) for n, r in impls.items() if r["ours"] and r["status"] == "ok"]
+    best = case.get("best_peer")
+    parts = [] if ours else [f"{n} {r['status'].upper()}" for n, r in impls.items() if r["ours"]]
+    for n, r in ours[:1]:
+        sp = r.get("speedup_vs_best_peer")
+        sp = f"x{sp}" if sp is not None else ("withheld" if "speedup_withheld" in r else "no peer")
+        parts.append(
+            f"{n} {r['median_ms']:.3f} ms {r.get('tflops') or 0:.0f} TF/s {_fmt_bytes(r.get('peak_mem_bytes'))}"
+        )
+        if best:
+            b = impls[best]
+            parts.append(f"best peer {best} {b['median_ms']:.3f} ms {_fmt_bytes(b.get('peak_mem_bytes'))}")
+        parts.append(sp)
+    broken = [n for n, r in impls.items() if r["status"] == "error"] + case.get("peers_disagreeing", [])
+    if broken:
+        parts.append(f"(not compared: {', '.join(broken)})")
+    return [f"   {name}: " + " | ".join(parts)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    mode = "dry-run" if args.dry_run else "quick" if args.quick else "full"
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    bootstrap.install_kernels_finder()
+    wheels = bootstrap.install_wheels(args.wheels)
+
+    import torch
+
+    from . import harness
+
+    limit = args.time_limit or LIMIT[mode]
+    deadline = START + limit
+    out_dir = args.output
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available() and not args.dry_run
+    ctx = harness.Ctx(device=torch.device("cuda" if cuda else "cpu"), mode=mode)
+    record: dict = {"mode": mode, "command": sys.argv, "time_limit_s": limit, "budgets_s": BUDGETS[mode],
+                    "wheels": wheels, "parts": {}}  # fmt: skip
+
+    def write():
+        record["elapsed_s"] = round(time.perf_counter() - START, 2)
+        (out_dir / JSON_NAME).write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+    from bench._common import metadata
+
+    record["meta"] = harness.run_guarded(metadata)
+    manifest = wheels.get("manifest", {})
+    if record["meta"].get("git_sha") in (None, "unknown") and manifest.get("git_sha"):
+        record["meta"]["git_sha"] = manifest["git_sha"]
+        record["meta"]["git_sha_source"] = "bench/gpu/wheels/manifest.json (no git on this machine)"
+    if not cuda and not args.dry_run:
+        record["error"] = "no CUDA device: run with --dry-run on a machine without a GPU"
+        write()
+        print(record["error"])
+        return 2
+    record["environment"] = harness.run_guarded(_environment, ctx)
+    print(f"ragkern GPU proof ({mode}): {record['environment'].get('device', {})}", flush=True)
+    print(f"versions: {record['environment'].get('versions')}", flush=True)
+    record["ceilings"] = harness.run_guarded(harness.ceilings, ctx)
+    print(f"ceilings: {record['ceilings']}", flush=True)
+    write()
+
+    plans = harness.run_guarded(
+        lambda: {"plans": _plans(ctx, args.parts, record["ceilings"].get("matmul_bf16_TFLOPs"))}
+    )
+    if "plans" not in plans:
+        record["error"] = plans
+        write()
+        print(f"could not plan the parts: {plans.get('error')}")
+        return 1
+    plans = plans["plans"]
+    tasks = _warm_tasks(plans)
+    if args.no_warmup or not tasks:
+        record["warmup"] = {"skipped": True}
+    else:
+        budget = min(BUDGETS[mode]["warmup"], max(deadline - time.perf_counter() - 60, 1))
+        workers = 1 if args.dry_run else max(1, min(8, (os.cpu_count() or 2) - 4, len(tasks)))
+        if args.dry_run:  # the mechanism, on one small task; the others are only resolved
+            for _, mod, fn, _ in tasks:
+                getattr(__import__(mod, fromlist=[fn]), fn)
+            tasks = [t for t in tasks if t[0].startswith("correctness: lora fp32")][:1]
+        print(f"warm-up: {len(tasks)} cases on {workers} workers, {budget:.0f} s at most", flush=True)
+        record["warmup"] = harness.run_guarded(harness.warm_up, tasks, mode, budget, workers)
+        print(f"warm-up done in {record['warmup'].get('elapsed_s')} s", flush=True)
+    write()
+
+    for part in args.parts:
+        print(f"part {part}:", flush=True)
+        rec = record["parts"][part] = {}
+        runner = harness.Part(part, ctx, BUDGETS[mode][part], deadline, rec, on_case=write)
+        for name, fn, kwargs, _ in plans[part]:
+            runner.case(name, fn, **kwargs)
+        runner.finish()
+        write()
+
+    try:
+        _withhold(record)
+        table = _table(record)
+    except Exception as e:  # noqa: BLE001 - the JSON is the result; the table is a courtesy
+        table = [f"(no table: {type(e).__name__}: {e})"]
+    record["table"] = table
+    write()
+    (out_dir / TABLE_NAME).write_text("\n".join(table) + "\n")
+    print(f"wrote {out_dir / JSON_NAME} ({record['elapsed_s']} s)")
+    print("\n".join(table), flush=True)
+    return 0

@@ -1,0 +1,335 @@
+"""What every part of ``python -m bench.gpu`` shares: the run context (device, timing, memory), guarded cases
+with time budgets, error norms, the measured ceilings and the parallel Triton warm-up.
+
+A part is a list of cases ``(name, fn, kwargs, warmable)``; ``fn(ctx, **kwargs)`` returns a dict that lands in
+the JSON (its ``"status"`` key, if any, says "failed" for a check that ran and did not pass). :class:`Part` runs
+them one by one: an exception becomes ``{"status": "error", "traceback": ...}``, a case that outlives the part's
+budget (plus a grace) is interrupted by SIGALRM, and the cases left when the budget is spent are recorded as
+skipped. Nothing a case does can stop the next one.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import signal
+import statistics
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def short_traceback() -> str:
+    """The current exception's traceback, its head and tail kept when long."""
+    tb = traceback.format_exc()
+    return tb if len(tb) <= 6000 else tb[:1500] + "\n[...]\n" + tb[-4500:]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fresh_seed() -> int:
+    """A new seed per check (recorded in the JSON): the kernels must be right on any input, not on one."""
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Ctx:
+    """How a case runs. ``warm``: a warm-up worker, which only needs every kernel launched once."""
+
+    device: torch.device
+    mode: str  # "dry-run" | "quick" | "full"
+    warm: bool = False
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dry(self) -> bool:
+        return self.mode == "dry-run"
+
+    @property
+    def quick(self) -> bool:
+        return self.mode == "quick"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn: Callable[[], object], grad_to_none: list | None = None) -> dict | None:
+        """Median (and 20th / 80th percentile) milliseconds of ``fn``; ``grad_to_none`` are reset between runs.
+
+        CUDA: ``triton.testing.do_bench`` (CUDA events, the L2 flushed between runs). CPU: wall clock, 3 runs
+        (1 in a dry run: its numbers only show that the code runs).
+        A warm-up worker runs ``fn`` once and returns None.
+        """
+        if self.warm:
+            fn()
+            self.sync()
+            return None
+        if self.cuda:
+            from triton.testing import do_bench
+
+            rep = 100 if self.quick else 300
+            med, p20, p80 = do_bench(
+                fn, warmup=25, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
+            )
+            return {"median_ms": round(med, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4)}
+        times = []
+        for _ in range(1 if self.dry else 3):  # the callers ran fn once already (compiles, checks)
+            for t in grad_to_none or ():
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {
+            "median_ms": round(statistics.median(times), 4),
+            "p20_ms": round(min(times), 4),
+            "p80_ms": round(max(times), 4),
+        }
+
+    def peak_bytes(self, fn: Callable[[], object], grad_to_none: list | None = None) -> int | None:
+        """Peak CUDA memory ``fn`` allocates beyond what was allocated before it (None on CPU / warm-up)."""
+        if not self.cuda or self.warm:
+            return None
+        for t in grad_to_none or ():
+            t.grad = None
+        self.sync()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        self.sync()
+        return int(torch.cuda.max_memory_allocated(self.device) - base)
+
+
+def tflops(flops: float, timing: dict | None) -> float | None:
+    return None if not timing else round(flops / (timing["median_ms"] * 1e-3) / 1e12, 2)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in float64 (a zero reference: the absolute norm)."""
+    a, ref = a.detach().double(), ref.detach().double()
+    return (
+        float((a - ref).norm() / ref.norm().clamp_min(1e-30)) if ref.norm() > 0 else float((a - ref).norm())
+    )
+
+
+def row_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest error of one row (last dim) over the mean row norm: one wrong row of thousands shows here."""
+    width = a.shape[-1] if a.dim() else 1
+    a, ref = a.detach().double().reshape(-1, width), ref.detach().double().reshape(-1, width)
+    scale = ref.norm(dim=1).mean().clamp_min(1e-30)
+    return float((a - ref).norm(dim=1).max() / scale)
+
+
+@contextmanager
+def nan_poisoned_empty():
+    """``torch.empty`` / ``empty_like`` hand out NaN-filled floating tensors, so an element a kernel never
+    writes shows up as NaN in its output."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: nan(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: nan(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def compare(outs: dict, refs: dict, tol: float, baseline: dict | None = None) -> tuple[bool, dict]:
+    """Error norms of each output against its float64 reference; passes when all are finite and within ``tol``
+    (norm) and ``10 * tol`` (worst row). ``baseline``: the same outputs from torch in the same dtype, for scale."""
+    metrics, ok = {}, True
+    for name, out in outs.items():
+        ref = refs[name]
+        finite = bool(torch.isfinite(out).all())
+        m = {"finite": finite, "rel_err": rel_err(out, ref), "max_row_err": row_err(out, ref)}
+        if baseline is not None and name in baseline:
+            m["torch_same_dtype_rel_err"] = rel_err(baseline[name], ref)
+        m = {k: (float(f"{v:.3e}") if isinstance(v, float) else v) for k, v in m.items()}
+        ok &= finite and m["rel_err"] <= tol and m["max_row_err"] <= 10 * tol
+        metrics[name] = m
+    return ok, metrics
+
+
+class CaseTimeout(Exception):
+    pass
+
+
+@contextmanager
+def alarm(seconds: float | None):
+    """Raise :class:`CaseTimeout` in the main thread after ``seconds`` (a case stuck past its part's budget)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise CaseTimeout(f"stopped after {seconds:.0f} s: the part's time budget and its grace were spent")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.05))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def free_memory(ctx: Ctx) -> None:
+    gc.collect()
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+
+
+class Part:
+    """Runs one part's cases within ``budget_s`` seconds (and the whole run's ``deadline``, a perf_counter)."""
+
+    def __init__(self, name: str, ctx: Ctx, budget_s: float, deadline: float, record: dict, on_case=None):
+        self.name, self.ctx, self.budget_s, self.deadline = name, ctx, budget_s, deadline
+        self.start = time.perf_counter()
+        self.record, self.on_case = record, on_case  # on_case(): e.g. rewrite the JSON after every case
+        record.update(budget_s=budget_s, cases={})
+
+    def remaining(self) -> float:
+        now = time.perf_counter()
+        return min(self.start + self.budget_s - now, self.deadline - now)
+
+    def case(self, name: str, fn: Callable, **kwargs) -> dict:
+        cases = self.record["cases"]
+        left = self.remaining()
+        if left <= 0:
+            why = (
+                "the whole run's time limit was reached"
+                if self.deadline <= time.perf_counter()
+                else "part budget spent"
+            )
+            cases[name] = {"status": "skipped", "reason": why}
+            return cases[name]
+        grace = min(30.0, 0.25 * self.budget_s)
+        limit = min(left + grace, self.deadline - time.perf_counter() + 5.0)
+        t0 = time.perf_counter()
+        try:
+            with alarm(limit):
+                out = fn(self.ctx, **kwargs) or {}
+            entry = {"status": out.pop("status", "ok"), **out}
+        except Exception as e:  # noqa: BLE001 - every failure is recorded, the next case runs
+            entry = {
+                "status": "error",
+                "error": f"{type(e).__name__}: {e}"[:2000],
+                "traceback": short_traceback(),
+            }
+        entry["elapsed_s"] = round(time.perf_counter() - t0, 2)
+        cases[name] = entry
+        free_memory(self.ctx)
+        print(f"  [{self.name}] {name}: {entry['status']} ({entry['elapsed_s']} s)"
+              + (f" {entry['error'][:200]}" if entry["status"] == "error" else ""), flush=True)  # fmt: skip
+        if self.on_case is not None:
+            self.on_case()
+        return entry
+
+    def finish(self) -> None:
+        statuses = [c["status"] for c in self.record["cases"].values()]
+        self.record["elapsed_s"] = round(time.perf_counter() - self.start, 2)
+        self.record["counts"] = {s: statuses.count(s) for s in ("ok", "failed", "error", "skipped")}
+
+
+def run_guarded(fn: Callable, *args, **kwargs) -> dict:
+    """``fn(*args)`` as a dict result, or ``{"error", "traceback"}``: for the steps outside any part."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": short_traceback()}
+
+
+def _time_copy(ctx: Ctx, nbytes: int) -> dict | None:
+    src = torch.randn(nbytes // 2, device=ctx.device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return ctx.time_ms(lambda: dst.copy_(src))
+
+
+def _time_matmul(ctx: Ctx, n: int) -> dict | None:
+    a, b = (torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty(n, n, device=ctx.device, dtype=torch.bfloat16)
+    return ctx.time_ms(lambda: torch.matmul(a, b, out=c))
+
+
+def ceilings(ctx: Ctx) -> dict:
+    """The two measured ceilings: a device-to-device copy (GB/s, bytes read + written) and an 8192^3 bf16
+    matmul (TFLOP/s), on random data. Dry run: 8 MiB and 256^3 on the CPU, only to exercise the code."""
+    nbytes, n = (1 << 30, 8192) if ctx.cuda else (8 << 20, 256)
+    copy, mm = _time_copy(ctx, nbytes), _time_matmul(ctx, n)
+    free_memory(ctx)
+    return {
+        "copy_bytes": nbytes,
+        "copy_ms": copy,
+        "copy_GBps": round(2 * nbytes / (copy["median_ms"] * 1e-3) / 1e9, 1),
+        "matmul_n": n,
+        "matmul_ms": mm,
+        "matmul_bf16_TFLOPs": tflops(2 * n**3, mm),
+    }
+
+
+# ------------------------------------------------------------------------------------------- warm-up
+
+
+def _warm_task(module: str, fn_name: str, kwargs: dict, mode: str) -> dict:
+    """In a worker: run one case with ``Ctx(warm=True)`` so its Triton (and Inductor) compiles hit the disk cache."""
+    from bench.gpu.bootstrap import install_kernels_finder
+
+    install_kernels_finder()
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and mode != "dry-run" else "cpu")
+    ctx = Ctx(device=device, mode=mode, warm=True)
+    try:
+        getattr(importlib.import_module(module), fn_name)(ctx, **kwargs)
+        return {"status": "ok", "elapsed_s": round(time.perf_counter() - t0, 2)}
+    except Exception as e:  # noqa: BLE001 - the main run will meet (and record) it again
+        return {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def warm_up(tasks: list[tuple[str, str, str, dict]], mode: str, budget_s: float, workers: int) -> dict:
+    """Launch every warmable case once in ``workers`` spawned processes, so the many Triton and FlexAttention
+    compiles run in parallel and land in the on-disk caches the timed run then reads. ``tasks`` are
+    ``(case name, module, function name, kwargs)``. Workers still busy when ``budget_s`` is spent are killed:
+    their compiles then happen in the main run, inside its parts' budgets."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    out: dict = {"workers": workers, "tasks": {}}
+    if not tasks:
+        return out
+    saved = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # each worker compiles alone: no pool of pools
+    try:
+        pool = mp.get_context("spawn").Pool(workers)
+    finally:
+        if saved is None:
+            os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS", None)
+        else:
+            os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = saved
+    try:
+        pending = {name: pool.apply_async(_warm_task, (mod, fn, kw, mode)) for name, mod, fn, kw in tasks}
+        for name, res in pending.items():
+            left = t0 + budget_s - time.perf_counter()
+            try:
+                out["tasks"][name] = res.get(timeout=max(left, 0.01))
+            except mp.TimeoutError:
+                out["tasks"][name] = {"status": "timeout"}
+    finally:
+        pool.terminate()
+        pool.join()
+    out["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    return out

@@ -1,0 +1,219 @@
+"""bench/gpu: the CPU dry run of the GPU proof (every part, tiny shapes) and the pieces its verdicts rest on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from ragkern.kernels.attention import block_mask
+
+from bench.gpu import bootstrap, cli, harness, micro, rag
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-dry-run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--dry-run", "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads((out / cli.JSON_NAME).read_text()), out
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_case_of_every_part(dry_run):
+    proc, record, out = dry_run
+    assert record["mode"] == "dry-run" and list(record["parts"]) == list(cli.PARTS)
+    assert "error" not in record["ceilings"] and "error" not in record["environment"]
+    assert record["warmup"]["tasks"] and all(t["status"] == "ok" for t in record["warmup"]["tasks"].values())
+    for part, rec in record["parts"].items():
+        assert rec["cases"] and rec["counts"]["skipped"] == 0, part  # every case ran: no budget ran out
+    table = (out / cli.TABLE_NAME).read_text().splitlines()
+    assert proc.stdout.rstrip().splitlines()[-len(table) :] == table  # the table is printed last
+
+
+@pytest.mark.slow
+def test_dry_run_checks_pass(dry_run):
+    """Kernels in the interpreter against float64, the packing invariants through RagTrainer in bf16 autocast,
+    the torch paths against the peers, both ways of training: every case passes."""
+    _, record, _ = dry_run
+    bad = {(p, n): c.get("error") or c for p, rec in record["parts"].items() for n, c in rec["cases"].items()
+           if c["status"] != "ok"}  # fmt: skip
+    assert not bad
+    for part in ("attention", "flce", "lora"):
+        for name, case in record["parts"][part]["cases"].items():
+            ours = [r for r in case["impls"].values() if r["ours"]]
+            assert ours and all(r["status"] == "ok" for r in ours), (name, case)
+            assert case.get("best_peer") and not case["peers_disagreeing"], (name, case)
+            for r in case["impls"].values():
+                assert r["status"] in ("ok", "skipped"), (name, r)
+    for name, case in record["parts"]["e2e"]["cases"].items():
+        assert case["ragkern"]["real_tokens"] > 0 and case["hf"]["real_tokens"] > 0, name
+        assert case["hf"]["computed_tokens"] >= case["hf"]["real_tokens"], (
+            name
+        )  # padding: computed, not counted
+
+
+# ------------------------------------------------------------------------------------------- harness
+
+
+def _part(budget: float, record: dict) -> harness.Part:
+    ctx = harness.Ctx(device=torch.device("cpu"), mode="dry-run")
+    return harness.Part("test", ctx, budget, time.perf_counter() + 60, record)
+
+
+def test_part_records_an_error_and_runs_the_next_case():
+    record: dict = {}
+    part = _part(30, record)
+    part.case("boom", lambda ctx: 1 / 0)
+    part.case("fine", lambda ctx, x: {"x": x}, x=3)
+    part.case("checked", lambda ctx: {"status": "failed", "why": "tolerance"})
+    part.finish()
+    cases = record["cases"]
+    assert cases["boom"]["status"] == "error" and "ZeroDivisionError" in cases["boom"]["traceback"]
+    assert cases["fine"] == {"status": "ok", "x": 3, "elapsed_s": cases["fine"]["elapsed_s"]}
+    assert cases["checked"]["status"] == "failed"
+    assert record["counts"] == {"ok": 1, "failed": 1, "error": 1, "skipped": 0}
+
+
+def test_part_interrupts_a_case_past_its_budget_and_skips_the_rest():
+    record: dict = {}
+    part = _part(0.4, record)
+    t0 = time.perf_counter()
+    part.case("stuck", lambda ctx: time.sleep(20))
+    part.case("next", lambda ctx: {})
+    assert time.perf_counter() - t0 < 5
+    assert (
+        record["cases"]["stuck"]["status"] == "error" and "CaseTimeout" in record["cases"]["stuck"]["error"]
+    )
+    assert record["cases"]["next"] == {"status": "skipped", "reason": "part budget spent"}
+
+
+def test_compare_catches_one_wrong_row_and_an_unwritten_element():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(8000, 64, dtype=torch.float64, generator=g)
+    good = ref + 1e-6 * torch.randn(8000, 64, dtype=torch.float64, generator=g)
+    one_row = good.clone()
+    one_row[1234] = torch.randn(64, dtype=torch.float64, generator=g)  # norm error about sqrt(2 / 8000)
+    ok, m = harness.compare({"o": good}, {"o": ref}, tol=1e-4)
+    assert ok and m["o"]["rel_err"] < 1e-5
+    ok, m = harness.compare({"o": one_row}, {"o": ref}, tol=3e-2)
+    assert m["o"]["rel_err"] < 3e-2 and not ok  # the norm alone would pass it
+    with harness.nan_poisoned_empty():
+        out = torch.empty(5, 3)
+        out[:, :2] = 0.0  # a "kernel" that forgets a column
+    assert torch.isnan(torch.empty(4).fill_(1)).sum() == 0  # restored outside
+    ok, m = harness.compare({"o": out}, {"o": torch.zeros(5, 3)}, tol=1.0)
+    assert not ok and m["o"]["finite"] is False
+
+
+def test_visible_pairs_count_the_mask():
+    lengths, blk = rag.packed_row(700, seed=3, scale=0.1)
+    assert sum(lengths) == 700 == blk.numel() and len(lengths) > 3
+    dense_causal = sum(int(block_mask(torch.zeros(n, dtype=torch.int32)).sum()) for n in lengths)
+    starts = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    dense_blocks = sum(int(block_mask(blk[a:b]).sum()) for a, b in zip(starts[:-1], starts[1:]))
+    assert rag.visible_pairs(lengths) == dense_causal
+    assert rag.visible_pairs(lengths, blk) == dense_blocks < dense_causal
+
+
+def test_rag_examples_label_the_answer_only():
+    examples = rag.examples(3000, 100, seed=1, scale=0.1, max_length=60)
+    assert sum(len(e["input_ids"]) for e in examples) >= 3000
+    for e in examples:
+        n = len(e["input_ids"])
+        assert n <= 60 and len(e["labels"]) == n == len(e["block_ids"])
+        answer = [i for i, y in enumerate(e["labels"]) if y != -100]
+        assert answer and answer == list(range(n - len(answer), n)) and e["block_ids"][-1] == 0
+
+
+def test_ratio_only_against_peers_that_agree_and_run_the_backward():
+    results = {
+        "ours": {"ours": True, "status": "ok", "median_ms": 2.0},
+        "fast_but_wrong": {"ours": False, "status": "ok", "median_ms": 0.5, "agrees": False},
+        "forward_only": {
+            "ours": False,
+            "status": "ok",
+            "median_ms": 0.7,
+            "agrees": True,
+            "forward_only": True,
+        },
+        "peer": {"ours": False, "status": "ok", "median_ms": 3.0, "agrees": True},
+        "broken": {"ours": False, "status": "error"},
+    }
+    out = micro._ratios(results)
+    assert out["best_peer"] == "peer" and out["peers_disagreeing"] == ["fast_but_wrong"]
+    assert results["ours"]["speedup_vs_best_peer"] == 1.5
+
+
+def test_no_speedup_for_a_kernel_whose_bf16_check_failed():
+    impl = {"ours": True, "status": "ok", "speedup_vs_best_peer": 1.4}
+    checks = {
+        "flce bf16 plain": "failed",
+        "lora bf16 r=16 dropout=0.0": "ok",
+        "lora fp32 r=16 dropout=0.0": "failed",
+    }
+    record = {"parts": {
+        "correctness": {"counts": {"ok": 1}, "cases": {n: {"status": s} for n, s in checks.items()}},
+        "flce": {"cases": {"flce 1k targets": {"impls": {"ragkern": dict(impl)}}}},
+        "lora": {"cases": {"lora dropout=0.0": {"impls": {"ragkern_kernel": dict(impl)}}}},
+        "attention": {"cases": {"attention D=128 causal": {"impls": {"ragkern_triton": dict(impl)}}}},
+    }}  # fmt: skip
+    cli._withhold(record)
+    impls = {p: next(iter(c["impls"].values())) for p, rec in record["parts"].items() if p != "correctness"
+             for c in rec["cases"].values()}  # fmt: skip
+    assert (
+        "speedup_vs_best_peer" not in impls["flce"]
+        and impls["flce"]["speedup_withheld"]["speedup_vs_best_peer"] == 1.4
+    )
+    assert impls["lora"]["speedup_vs_best_peer"] == 1.4 and "fp32" in impls["lora"]["correctness_note"]
+    assert "did not run" in impls["attention"]["speedup_withheld"]["why"]  # no attention check ran
+
+
+# ------------------------------------------------------------------------------------------- bootstrap
+
+
+def test_kernels_finder_maps_the_kernels_folder():
+    spec = bootstrap._KernelsFinder().find_spec("ragkern.kernels")
+    assert Path(spec.origin) == ROOT / "kernels" / "__init__.py"
+    assert list(spec.submodule_search_locations) == [str(ROOT / "kernels")]
+    assert bootstrap._KernelsFinder().find_spec("ragkern.data") is None
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    name = "gpubench_probe"
+    wheel = folder / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(f"{name}.py", "VALUE = 42\n")
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        z.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+def test_install_wheels_without_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert bootstrap.install_wheels(tmp_path)["status"].startswith("no wheels")
+    _tiny_wheel(tmp_path)
+    info = bootstrap.install_wheels(tmp_path)
+    assert info["status"] == "installed", info
+    assert sys.path[0] == info["target"]
+    import gpubench_probe
+
+    assert gpubench_probe.VALUE == 42
+    sys.modules.pop("gpubench_probe")
