@@ -51,7 +51,7 @@ if triton is not None:
     @triton.jit
     def _logits_tile(
         H, W, B, hrow, rmask, cols, cmask, D, softcap,
-        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         """(BLOCK_N, BLOCK_V) fp32 logits after bias and softcap, and tanh(z / softcap) for the backward."""
@@ -61,7 +61,7 @@ if triton is not None:
             dmask = dd < D
             h = tl.load(H + hrow[:, None] + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
             w = tl.load(W + cols[:, None] * D + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         t = acc
@@ -74,7 +74,7 @@ if triton is not None:
     def _flce_fwd_kernel(
         H, W, B, Y, ROWS, WTS, LOSS, LSE, ZTERM,
         n_rows, V, D, softcap, smoothing, z_coef,
-        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,6 +101,7 @@ if triton is not None:
                 softcap,
                 HAS_BIAS,
                 HAS_SOFTCAP,
+                DOT_PRECISION,
                 BLOCK_N,
                 BLOCK_V,
                 BLOCK_D,
@@ -124,7 +125,7 @@ if triton is not None:
     def _flce_bwd_kernel(
         H, W, B, Y, ROWS, SCALE, LSE, GH, GW, GB,
         n_rows, V, D, softcap, smoothing, z_coef, need_dh, need_dw, need_db,
-        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,6 +151,7 @@ if triton is not None:
                 softcap,
                 HAS_BIAS,
                 HAS_SOFTCAP,
+                DOT_PRECISION,
                 BLOCK_N,
                 BLOCK_V,
                 BLOCK_D,
@@ -173,12 +175,24 @@ if triton is not None:
                 if need_dh:  # rows are owned by this program: plain read-add-write
                     w = tl.load(W + cols[:, None] * D + dd[None, :], mask=wmask, other=0.0)
                     gh = tl.load(GH + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
-                    tl.store(GH + hrow[:, None] + dd[None, :], tl.dot(ds_in, w, gh), mask=hmask)
+                    tl.store(
+                        GH + hrow[:, None] + dd[None, :],
+                        tl.dot(ds_in, w, gh, input_precision=DOT_PRECISION),
+                        mask=hmask,
+                    )
                 if need_dw:  # vocab rows are shared by every program
                     h = tl.load(H + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
                     tl.atomic_add(
-                        GW + cols[:, None] * D + dd[None, :], tl.dot(tl.trans(ds_in), h), mask=wmask
+                        GW + cols[:, None] * D + dd[None, :],
+                        tl.dot(tl.trans(ds_in), h, input_precision=DOT_PRECISION),
+                        mask=wmask,
                     )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch.matmul: TF32 only where torch allows it (``set_float32_matmul_precision``
+    "high"/"medium", i.e. ``torch.backends.cuda.matmul.allow_tf32``); unused for fp16/bf16."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _launch_args(hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, config):
@@ -187,6 +201,7 @@ def _launch_args(hidden, weight, bias, labels, rows, softcap, smoothing, z_loss,
     dummy = bias if bias is not None else hidden  # never read when HAS_BIAS is False
     common = (n_rows, V, D, float(softcap or 0.0), float(smoothing), float(z_loss))
     meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **config)
+    meta["DOT_PRECISION"] = _dot_precision(hidden.dtype)
     return grid, (hidden, weight, dummy, labels, rows), common, meta
 
 
@@ -462,6 +477,7 @@ def aot_specs() -> list:
                     signature = dict(H=ptr, W=ptr, B=ptr, Y="*i64", ROWS="*i32", **{o: "*fp32" for o in outs})
                     signature.update(scalars, **{f: "i32" for f in flags})
                     constexprs = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **blocks)
+                    constexprs["DOT_PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
                     signature.update({k: "constexpr" for k in constexprs})
                     tile = " ".join(f"{k[6:]}={v}" for k, v in blocks.items())
                     specs.append(

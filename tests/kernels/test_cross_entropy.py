@@ -209,3 +209,37 @@ def test_aot_compiles():
     spilled = [(r["kernel"], r["config"], r["arch"]) for r in records if r["stack_bytes"]]
     assert not spilled
     assert all(r["hgmma"] > 0 for r in records if r["arch"] == "sm_90")
+
+
+@pytest.fixture
+def tf32_emulation(monkeypatch):
+    """The interpreter computes every fp32 ``tl.dot`` in full precision; make it round operands to TF32 (keep
+    10 mantissa bits: drop the low 13) where the kernel asks for "tf32", as an sm_80/sm_90 tensor core does."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    import numpy as np
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision.name == "TF32" and a.data.dtype == np.float32:
+            a, b = (interpreter.TensorHandle((x.data.view(np.uint32) & 0xFFFFE000).view(np.float32), x.dtype)
+                    for x in (a, b))  # fmt: skip
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.parametrize("case", ["plain_fp32", "bias_fp32", "all_fp32"])
+def test_triton_fp32_follows_matmul_precision(case, tf32_emulation):
+    """fp32 dots run in IEEE fp32 under torch's default ("highest") precision and meet the fp32 tolerance;
+    with "high" (TF32 allowed, as for torch.matmul) the emulated TF32 rounding misses it."""
+    pytest.importorskip("triton")
+    opts = dict(TRITON_CASES[case])
+    torch.set_float32_matmul_precision("highest")
+    check(37, 48, 1003, backend="triton", seed=len(case), **opts)
+    torch.set_float32_matmul_precision("high")
+    with pytest.raises(AssertionError):
+        check(37, 48, 1003, backend="triton", seed=len(case), **opts)
