@@ -389,6 +389,23 @@ def _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoo
         raise ValueError(f"z_loss must be >= 0; got {z_loss}")
 
 
+def _check_targets(labels: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Raise when a label is neither ignore_index nor a class in [0, V): one reduction (and sync) per call."""
+    bad = valid & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        value = int(labels[pos])
+        hint = (
+            f"pass ignore_index={value} if that is your padding label"
+            if value < 0
+            else f"a label >= V means the tokenizer's vocabulary is larger than the lm_head's ({V} rows)"
+        )
+        raise ValueError(
+            f"labels[{pos}] = {value} is not a class in [0, V={V}) nor ignore_index={ignore_index}: "
+            f"set positions without a target to {ignore_index}; {hint}"
+        )
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -435,7 +452,9 @@ def fused_linear_cross_entropy(
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     if weights is None:
         weights = torch.ones(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-    rows = (labels != ignore_index).nonzero().squeeze(1)  # (n_targets,) int64: ignored tokens cost nothing
+    valid = labels != ignore_index
+    _check_targets(labels, valid, weight.shape[0], ignore_index)
+    rows = valid.nonzero().squeeze(1)  # (n_targets,) int64: ignored tokens cost nothing
     labels = labels.long()
     opts = (softcap, float(label_smoothing), float(z_loss), reduction)
     if backend == "triton":

@@ -243,3 +243,20 @@ def test_triton_fp32_follows_matmul_precision(case, tf32_emulation):
     torch.set_float32_matmul_precision("high")
     with pytest.raises(AssertionError):
         check(37, 48, 1003, backend="triton", seed=len(case), **opts)
+
+
+@pytest.mark.parametrize("bad", [-1, 31, 10**6], ids=["pad_minus_1", "V", "huge"])
+def test_out_of_range_label_raises_on_both_paths(bad):
+    """A target outside [0, V) that is not ignore_index trains toward no class: both paths refuse it with
+    the same error, naming the value, its position, V and the fix."""
+    pytest.importorskip("triton")
+    hidden, weight, _, labels, _ = make_inputs(9, 8, 31, ignore_frac=0.0)
+    labels[6] = bad
+    messages = []
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError) as err:
+            fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    for part in (f"labels[6] = {bad}", "[0, V=31)", "ignore_index=-100"):
+        assert part in messages[0]
