@@ -47,7 +47,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _model_old(N: int, V: int, D: int, e: int) -> dict:
     """Before issue 12: forward grid N/64, each program loops over 128-wide vocab tiles; backward grid N/64
-    with 64-wide vocab tiles, rewriting its fp32 grad_hidden rows per tile and atomically adding grad_weight."""
+    with 64-wide vocab tiles, rewriting its fp32 grad_hidden rows per tile, atomically adding grad_weight."""
     tn, fwd_tv, bwd_tv = _cdiv(N, 64), _cdiv(V, 128), _cdiv(V, 64)
     fwd = tn * fwd_tv * (64 + 128) * D * e
     # per (64 tokens, 64 vocab) tile: logits (h + w), w again for dh, dh rows read + written (fp32), h again

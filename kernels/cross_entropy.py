@@ -155,7 +155,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DG: tl.constexpr,
     ):  # fmt: skip
-        """GH (splits, n, D) fp32 += this split's vocab tiles' ds @ W (each (split, row block) has one owner)."""
+        """GH (splits, n, D) fp32 += this split's vocab tiles' ds @ W; a (split, row block) has one owner."""
         split = tl.program_id(1).to(tl.int64)
         offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = offs < n_rows

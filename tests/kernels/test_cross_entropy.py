@@ -55,7 +55,7 @@ def check(N, H, V, *, backend, dtype=torch.float32, bias=False, ignore_frac=0.25
 
 def check_tensors(hidden, weight, b, labels, w, *, backend, seed=0, atol=1e-5, rtol=1e-4, grad_out="random",
                   filter_eps="auto", **opts):  # fmt: skip
-    """The loss, z-term and every gradient against :func:`reference` in float64; returns the max abs errors."""
+    """Loss, z-term and every gradient against :func:`reference` in float64; returns the max abs errors."""
     dtype = hidden.dtype
     leaves = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
     loss, zterm = fused_linear_cross_entropy(
@@ -263,7 +263,7 @@ def test_aot_compiles():
 @pytest.fixture
 def tf32_emulation(monkeypatch):
     """The interpreter computes every fp32 ``tl.dot`` in full precision; make it round operands to TF32 (keep
-    10 mantissa bits: drop the low 13) where the kernel asks for "tf32", as an sm_80/sm_90 tensor core does."""
+    10 mantissa bits: drop the low 13) where the kernel asks for "tf32", as sm_80/sm_90 tensor cores do."""
     interpreter = pytest.importorskip("triton.runtime.interpreter")
     import numpy as np
 
@@ -440,7 +440,8 @@ def filtered_reference(hidden, weight, b, labels, w, *, filter_eps, label_smooth
 
 
 def test_triton_gradient_filtering_matches_its_definition():
-    """With a threshold that drops about half of the tiles (flat random softmax), the kernels' gradients
+    """With a threshold that drops about half of the tiles (a softmax falling over the vocabulary), the
+    kernels' gradients
     equal the filtered definition (each kernel's tiling; target tiles kept; smoothing's uniform term kept)
     and differ from the unfiltered ones, so the switch works both ways."""
     pytest.importorskip("triton")
@@ -454,10 +455,9 @@ def test_triton_gradient_filtering_matches_its_definition():
     rows = labels != IGNORE
     z = hidden.double()[rows] @ weight.double().T + b.double()
     g = ((1 + 2e-2 * torch.logsumexp(z, 1, keepdim=True)) * torch.softmax(z, 1)).abs()
-    maxima = torch.cat([
-        F.max_pool2d(g[None], (c["BLOCK_N"], c["BLOCK_V"]), ceil_mode=True).flatten()
-        for c in (ce_mod._config(ce_mod._DH_CONFIG, torch.float32), ce_mod._config(ce_mod._DW_CONFIG, torch.float32))
-    ]).sort().values  # fmt: skip
+    tiles = [ce_mod._config(c, torch.float32) for c in (ce_mod._DH_CONFIG, ce_mod._DW_CONFIG)]
+    pooled = [F.max_pool2d(g[None], (c["BLOCK_N"], c["BLOCK_V"]), ceil_mode=True).flatten() for c in tiles]
+    maxima = torch.cat(pooled).sort().values
     mid = maxima[len(maxima) // 4 : 3 * len(maxima) // 4]
     k = int((mid[1:] / mid[:-1]).argmax())
     eps = float((mid[k] * mid[k + 1]).sqrt())
