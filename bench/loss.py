@@ -9,6 +9,15 @@ Both methods produce the same gradients (hidden, weight), so those count in both
 
 Target (issue 5): fused peak extra memory <= 1/8 of the baseline's, time <= 1.3x.
 On CUDA the Triton path (and Liger-Kernel when installed) would be compared; here: not measured on GPU.
+
+Issue 12 adds a model of the Triton kernels' global-memory traffic, atomics and grid size, forward +
+backward, for the design before issue 12 (one program per 64 targets, fp32 atomics into grad_weight)
+and the current one (token x vocab grids, no atomics), at Llama-3's V=128,256, D=4,096, bf16, for 1k and
+16k targets. Bytes count every tile load and store the kernels issue (L2 hits included, so an upper
+bound on DRAM traffic); each atomic also moves 8 bytes. "skip" is the fraction of backward tiles that
+gradient filtering drops (data-dependent: 0 for a flat softmax, most tiles once the model is trained).
+
+    python bench/loss.py --model-only     # the model alone, printed, nothing written
 """
 
 from __future__ import annotations
@@ -26,6 +35,122 @@ from _common import write_results  # noqa: E402
 
 SHAPES = [dict(N=8192, H=512, V=32000), dict(N=4096, H=512, V=128256)]
 METHODS = ("materialised", "fused_torch")
+
+
+MODEL_SHAPES = [dict(N=1024, V=128256, D=4096), dict(N=16384, V=128256, D=4096)]
+H100_SMS = 132
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _model_old(N: int, V: int, D: int, e: int) -> dict:
+    """Before issue 12: forward grid N/64, each program loops over 128-wide vocab tiles; backward grid N/64
+    with 64-wide vocab tiles, rewriting its fp32 grad_hidden rows per tile, atomically adding grad_weight."""
+    tn, fwd_tv, bwd_tv = _cdiv(N, 64), _cdiv(V, 128), _cdiv(V, 64)
+    fwd = tn * fwd_tv * (64 + 128) * D * e
+    # per (64 tokens, 64 vocab) tile: logits (h + w), w again for dh, dh rows read + written (fp32), h again
+    bwd = tn * bwd_tv * ((64 + 64 + 64 + 64) * D * e + 2 * 64 * D * 4)
+    atomics = tn * bwd_tv * 64 * D + tn * bwd_tv * 64  # grad_weight + grad_bias
+    grad_w = V * D * (4 + 4 + e)  # zero the fp32 buffer, read it, write the cast
+    return dict(bytes=fwd + bwd + grad_w + 8 * atomics, atomics=atomics, programs=[tn, tn], gemms=4)
+
+
+def _model_new(N: int, V: int, D: int, e: int, skip: float) -> dict:
+    """This design: forward (tokens x vocab splits), dhidden (tokens x vocab splits), dweight (vocab tiles x
+    token splits); a kept backward tile recomputes its logits, reloads the other operand and rewrites its
+    fp32 partial; a skipped one only recomputes the logits."""
+    from ragkern.kernels import cross_entropy as ce
+
+    fwd_cfg, dh_cfg, dw_cfg = (
+        ce._config(c, torch_dtype(e)) for c in (ce._FWD_CONFIG, ce._DH_CONFIG, ce._DW_CONFIG)
+    )
+    total, programs = 0.0, []
+    bn, bv = fwd_cfg["BLOCK_N"], fwd_cfg["BLOCK_V"]
+    splits, _ = ce._plan_splits(_cdiv(N, bn), _cdiv(V, bv), H100_SMS)
+    total += _cdiv(N, bn) * _cdiv(V, bv) * (bn + bv) * D * e + 3 * splits * N * 4 * 2
+    programs.append(_cdiv(N, bn) * splits)
+    bn, bv = dh_cfg["BLOCK_N"], dh_cfg["BLOCK_V"]
+    cap = max(1, ce._DH_PARTIAL_BYTES // (4 * N * D))
+    splits, _ = ce._plan_splits(_cdiv(N, bn), _cdiv(V, bv), H100_SMS, cap)
+    pairs = _cdiv(N, bn) * _cdiv(V, bv)
+    total += pairs * ((bn + bv) * D * e + (1 - skip) * (bv * D * e + 2 * bn * D * 4))
+    total += splits * N * D * 4 * 2 + N * D * (4 + e)  # zero the partials, sum them, write grad_hidden
+    programs.append(_cdiv(N, bn) * splits)
+    bn, bv = dw_cfg["BLOCK_N"], dw_cfg["BLOCK_V"]
+    splits, _ = ce._plan_splits(_cdiv(V, bv), _cdiv(N, bn), H100_SMS)
+    pairs = _cdiv(N, bn) * _cdiv(V, bv)
+    total += pairs * ((bn + bv) * D * e + (1 - skip) * (bn * D * e + 2 * bv * D * 4))
+    total += splits * V * D * (4 + 4) + V * D * e  # zero and read the partial(s), write the cast
+    programs.append(_cdiv(V, bv) * splits)
+    return dict(bytes=total, atomics=0, programs=programs, gemms=5)
+
+
+def _model_chunked(N: int, V: int, D: int, e: int) -> dict:
+    """Reference point, not ragkern code: Liger-Kernel's chunked design (logits of a chunk materialised by
+    cuBLAS, a softmax-gradient kernel in place, then cuBLAS for grad_hidden and an addmm into an fp32
+    grad_weight); chunk = next_pow2(N / cdiv(V, D)) rows; cuBLAS tiles assumed 128 x 256."""
+    chunk = 1 << max(0, (_cdiv(N, _cdiv(V, D)) - 1).bit_length())
+    gemm = N * V * D * e * (1 / 128 + 1 / 256)  # one GEMM's operand tile loads over all chunks
+    total = 3 * gemm + N * V * e * 5 + N * D * e + _cdiv(N, chunk) * V * D * 4 * 2 + V * D * (4 + e)
+    return dict(bytes=total, atomics=0, programs=None, gemms=3)
+
+
+def torch_dtype(itemsize: int):
+    import torch
+
+    return {2: torch.bfloat16, 4: torch.float32}[itemsize]
+
+
+def traffic_model() -> list[dict]:
+    """Modelled bytes, atomics and programs per launch (forward, backward kernels) of each design, bf16."""
+    rows = []
+    for shape in MODEL_SHAPES:
+        N, V, D = shape["N"], shape["V"], shape["D"]
+        old = _model_old(N, V, D, 2)
+        chunked = _model_chunked(N, V, D, 2)
+        for skip in (0.0, 0.9):
+            new = _model_new(N, V, D, 2, skip)
+            rows.append(
+                dict(
+                    shape,
+                    dtype="bfloat16",
+                    skip=skip,
+                    old=dict(
+                        GB=round(old["bytes"] / 1e9, 1),
+                        atomics_G=round(old["atomics"] / 1e9, 2),
+                        programs=old["programs"],
+                        gemm_passes=old["gemms"],
+                    ),
+                    new=dict(
+                        GB=round(new["bytes"] / 1e9, 1),
+                        atomics_G=0.0,
+                        programs=new["programs"],
+                        gemm_passes=new["gemms"],
+                    ),
+                    chunked_cublas_reference=dict(GB=round(chunked["bytes"] / 1e9, 1), gemm_passes=3),
+                    bytes_ratio_new_over_old=round(new["bytes"] / old["bytes"], 3),
+                    gemm_flops_T=round(2 * N * V * D / 1e12, 2),
+                )
+            )
+    return rows
+
+
+def print_model(rows: list[dict]) -> None:
+    print(f"Triton kernels, modelled (not measured on GPU), bf16, {H100_SMS} SMs:")
+    for r in rows:
+        o, n = r["old"], r["new"]
+        print(
+            f"  N={r['N']} V={r['V']} D={r['D']} skip={r['skip']:.1f}: "
+            f"old {o['GB']:.0f} GB, {o['atomics_G']:.1f} G atomics, programs {o['programs']}, "
+            f"{o['gemm_passes']} x {r['gemm_flops_T']} TFLOP | "
+            f"new {n['GB']:.0f} GB, 0 atomics, programs {n['programs']}, "
+            f"{n['gemm_passes'] if r['skip'] == 0 else '3 + 2 x kept'} x {r['gemm_flops_T']} TFLOP | "
+            f"bytes x{r['bytes_ratio_new_over_old']:.2f} | chunked cuBLAS (Liger-style) "
+            f"{r['chunked_cublas_reference']['GB']:.0f} GB",
+            flush=True,
+        )
 
 
 def _rss_bytes() -> int:
@@ -68,11 +193,16 @@ def _child(method: str, N: int, H: int, V: int, repeat: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--model-only", action="store_true", help="print the traffic model; measure nothing")
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "N", "H", "V"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         method, *dims = args.child
         print(json.dumps(_child(method, *map(int, dims), args.repeat)))
+        return
+    model = traffic_model()
+    if args.model_only:
+        print_model(model)
         return
 
     results = []
@@ -99,7 +229,10 @@ def main() -> None:
             f"time x{row['time_ratio_fused_over_materialised']:.2f} | triton: not measured on GPU",
             flush=True,
         )
-    path = write_results("loss", {"results": results, "target": "memory <= 1/8, time <= 1.3x"})
+    print_model(model)
+    path = write_results(
+        "loss", {"results": results, "target": "memory <= 1/8, time <= 1.3x", "triton_traffic_model": model}
+    )
     print(f"wrote {path}")
 
 

@@ -12,13 +12,24 @@ Ignored tokens are dropped before any matmul, so they cost nothing forward or ba
 ``reduction="mean"`` divides the weighted sum by the number of non-ignored tokens (0 when there are none).
 
 Two paths, each an ``autograd.Function``:
-- torch (CPU, and the reference for large cases): tokens in chunks of ``_CHUNK_ELEMS // V`` rows, so the
-  largest temporary is a few ``(chunk, V)`` fp32 blocks. The gradients are computed in the forward pass,
-  chunk by chunk (the logits are built once); a backward whose per-token ``grad_output`` is not uniform
+- torch (CPU, and the exact reference): tokens in chunks of ``_CHUNK_ELEMS // V`` rows, so the largest
+  temporary is a few ``(chunk, V)`` fp32 blocks. The gradients are computed in the forward pass, chunk by
+  chunk (the logits are built once); a backward whose per-token ``grad_output`` is not uniform
   (``reduction="none"`` followed by anything but a scaled sum) recomputes them with the right row scales.
-- triton (CUDA): the forward kernel multiplies a block of tokens against vocab tiles with an online
-  log-sum-exp in fp32, gathering the target logit on the way; the backward kernel recomputes each tile and
-  accumulates grad_hidden (owned rows) and grad_weight / grad_bias (fp32 atomics). No N x V buffer.
+- triton (CUDA), n target rows, three kernels, no N x V buffer and no atomics (so deterministic)::
+
+    forward   grid (n tiles, vocab splits)  each program: online log-sum-exp over its vocab tiles
+              -> (max, sum exp, sum s) partials per split, merged in torch; s[y] written by its one owner
+    dhidden   grid (n tiles, vocab splits)  per vocab tile: recompute s, ds = dloss/ds, then
+              partial[split, rows] += ds @ W[tile]   (a split's rows are its own; partials summed in torch)
+    dweight   grid (vocab tiles, n splits)  per token tile: recompute s, ds, then
+              partial[split, cols] += ds.T @ H[rows]; dbias summed in registers
+
+  Vocab / token splits make the grid fill the GPU whatever n is (1k RAFT answer tokens: 16 token tiles).
+  Gradient filtering (Cut Cross-Entropy's): a backward tile whose ``(1 + 2 z_loss lse) * softmax`` is
+  below ``filter_eps`` everywhere and that holds no target adds nothing (each skipped term is below the
+  dtype's resolution). Label smoothing's uniform ``-eps / V`` term is a rank-1 update added exactly on the
+  host (without softcap), so filtering never drops it; with softcap and smoothing filtering is off.
 """
 
 from __future__ import annotations
@@ -34,10 +45,24 @@ except ImportError:  # CPU-only installs: the torch path still works
 _BACKENDS = ("auto", "torch", "triton")
 _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ELEMS = 1 << 22  # torch path: rows per chunk = this // V (16 MiB of fp32 logits)
-# Tiles chosen from the sm_80 / sm_90 AOT resource report: no spills with bias and softcap on, and a
-# 64-row M dimension so Hopper can use wgmma (HGMMA).
-_FWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2)
-_BWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2)
+# Tiles (tokens x vocab x hidden chunk) from the sm_80 / sm_90 AOT report: the largest without spills
+# (bias and softcap on), as (fp16/bf16, fp32); fp32 takes a shorter hidden chunk (its IEEE dot runs on FMA).
+# dhidden rewrites its fp32 partial rows once per vocab tile, dweight its vocab rows once per token tile.
+_FWD_CONFIG = (
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=16, num_warps=8, num_stages=3),
+)
+_DH_CONFIG = (
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, BLOCK_DG=128, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, BLOCK_DG=32, num_warps=8, num_stages=3),
+)
+_DW_CONFIG = (
+    dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, BLOCK_DG=128, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=16, BLOCK_DG=16, num_warps=8, num_stages=3),
+)
+_PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has at least this many programs per SM
+_DEFAULT_SMS = 132  # H100 SXM: the grid plan when no CUDA device is present (interpreter, bench model)
+_DH_PARTIAL_BYTES = 1 << 28  # dhidden splits stop at 256 MiB of fp32 partials (1k tokens x 4096: 16 splits)
 
 # --------------------------------------------------------------------------------------------- triton
 
@@ -50,18 +75,20 @@ if triton is not None:
 
     @triton.jit
     def _logits_tile(
-        H, W, B, hrow, rmask, cols, cmask, D, softcap,
-        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        H, W, B, hrow, rmask, cols, cmask, D, stride_w, softcap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """(BLOCK_N, BLOCK_V) fp32 logits after bias and softcap, and tanh(z / softcap) for the backward."""
+        """(BLOCK_N, BLOCK_V) fp32 logits after bias and softcap, and tanh(z / softcap) for the backward.
+        ``hrow`` (BLOCK_N,) and ``cols`` (BLOCK_V,) are int64 element offsets / vocab ids."""
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        wrow = cols * stride_w
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             dmask = dd < D
             h = tl.load(H + hrow[:, None] + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            w = tl.load(W + cols[:, None] * D + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc)
+            wt = tl.load(W + wrow[None, :] + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0)
+            acc = tl.dot(h, wt, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         t = acc
@@ -71,150 +98,256 @@ if triton is not None:
         return acc, t
 
     @triton.jit
+    def _grad_tile(s, t, valid, hit, has_target, lse, coef, scale, smoothing, uniform, filter_eps,
+                   HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+        """d loss / d z of a tile, (BLOCK_N, BLOCK_V) fp32 (0 outside ``valid``), and whether it is kept:
+        scale * ((1 + 2 z lse) softmax - (1 - eps) [j == y] - uniform) * (1 - tanh^2 if softcap)."""
+        g = tl.where(valid, coef[:, None] * tl.exp(s - lse[:, None]), 0.0)
+        keep = has_target | (tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= filter_eps)
+        ds = scale[:, None] * (g - tl.where(hit, 1.0 - smoothing, 0.0) - uniform)
+        if HAS_SOFTCAP:
+            ds *= 1.0 - t * t
+        return tl.where(valid, ds, 0.0), keep
+
+    @triton.jit(do_not_specialize=["n_rows", "tiles_per_split"])
     def _flce_fwd_kernel(
-        H, W, B, Y, ROWS, WTS, LOSS, LSE, ZTERM,
-        n_rows, V, D, softcap, smoothing, z_coef,
-        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        H, W, B, ROWS, Y, PART, SY,
+        n_rows, V, D, stride_h, stride_w, tiles_per_split, softcap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        """PART (3, splits, n) fp32 <- per split: max, sum exp(s - max), sum s; SY (n,) fp32 <- s[y]."""
+        split = tl.program_id(1).to(tl.int64)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = offs < n_rows
-        row = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64)  # only tokens with a target
-        y = tl.load(Y + row, mask=rmask, other=0)
-        hrow = row * D
+        hrow = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64) * stride_h
+        y = tl.load(Y + offs, mask=rmask, other=-1)
         m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        s_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
         s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+        span = tiles_per_split.to(tl.int64) * BLOCK_V
+        v_lo = split * span
+        v_hi = tl.minimum(v_lo + span, V)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # the interpreter's loop index is a Python int
             cmask = cols < V
-            s, t = _logits_tile(
-                H,
-                W,
-                B,
-                hrow,
-                rmask,
-                cols,
-                cmask,
-                D,
-                softcap,
-                HAS_BIAS,
-                HAS_SOFTCAP,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_D,
-            )
+            s, _ = _logits_tile(
+                H, W, B, hrow, rmask, cols, cmask, D, stride_w, softcap,
+                HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
             s_sum += tl.sum(tl.where(cmask[None, :], s, 0.0), axis=1)
-            s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+            s_y = tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+            tl.store(SY + offs, s_y, mask=rmask & (y >= v0) & (y < v0 + BLOCK_V))  # one owner per row
             s = tl.where(cmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m = m_new
-        lse = m + tl.log(sumexp)
-        wt = tl.load(WTS + row, mask=rmask, other=0.0).to(tl.float32)
-        zterm = z_coef * lse * lse
-        ce = lse - (1.0 - smoothing) * s_y - smoothing / V * s_sum
-        tl.store(LOSS + row, wt * (ce + zterm), mask=rmask)
-        tl.store(ZTERM + row, wt * zterm, mask=rmask)
-        tl.store(LSE + row, lse, mask=rmask)
+        out = PART + split * n_rows + offs
+        plane = tl.num_programs(1).to(tl.int64) * n_rows
+        tl.store(out, m, mask=rmask)
+        tl.store(out + plane, sumexp, mask=rmask)
+        tl.store(out + 2 * plane, s_sum, mask=rmask)
 
-    # need_*: runtime flags (one compiled kernel) so a frozen lm_head costs no grad_weight matmul or buffer
-    @triton.jit(do_not_specialize=["need_dh", "need_dw", "need_db"])
-    def _flce_bwd_kernel(
-        H, W, B, Y, ROWS, SCALE, LSE, GH, GW, GB,
-        n_rows, V, D, softcap, smoothing, z_coef, need_dh, need_dw, need_db,
-        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    @triton.jit(do_not_specialize=["n_rows", "tiles_per_split"])
+    def _flce_bwd_dh_kernel(
+        H, W, B, ROWS, Y, LSE, SCALE, GH,
+        n_rows, V, D, stride_h, stride_w, tiles_per_split, softcap, smoothing, uniform, z_coef, filter_eps,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DG: tl.constexpr,
     ):  # fmt: skip
-        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        """GH (splits, n, D) fp32 += this split's vocab tiles' ds @ W; a (split, row block) has one owner."""
+        split = tl.program_id(1).to(tl.int64)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = offs < n_rows
-        row = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64)
-        y = tl.load(Y + row, mask=rmask, other=0)
-        hrow = row * D
-        scale = tl.load(SCALE + row, mask=rmask, other=0.0)  # grad_output * weight, fp32
-        lse = tl.load(LSE + row, mask=rmask, other=0.0)
-        p_coef = scale * (1.0 + 2.0 * z_coef * lse)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+        hrow = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64) * stride_h
+        y = tl.load(Y + offs, mask=rmask, other=-1)
+        lse = tl.load(LSE + offs, mask=rmask, other=0.0)
+        scale = tl.load(SCALE + offs, mask=rmask, other=0.0)
+        coef = 1.0 + 2.0 * z_coef * lse
+        grow = (split * n_rows + offs) * D
+        span = tiles_per_split.to(tl.int64) * BLOCK_V
+        v_lo = split * span
+        v_hi = tl.minimum(v_lo + span, V)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             cmask = cols < V
             s, t = _logits_tile(
-                H,
-                W,
-                B,
-                hrow,
-                rmask,
-                cols,
-                cmask,
-                D,
-                softcap,
-                HAS_BIAS,
-                HAS_SOFTCAP,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_D,
+                H, W, B, hrow, rmask, cols, cmask, D, stride_w, softcap,
+                HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
+            has_target = tl.max(((y >= v0) & (y < v0 + BLOCK_V)).to(tl.int32), axis=0) > 0
+            valid = rmask[:, None] & cmask[None, :]
+            hit = cols[None, :] == y[:, None]
+            ds, keep = _grad_tile(
+                s, t, valid, hit, has_target, lse, coef, scale, smoothing, uniform, filter_eps, HAS_SOFTCAP
             )
-            # d loss / d s = scale * ((1 + 2 z lse) p - (1 - eps) [j == y] - eps / V)
-            ds = p_coef[:, None] * tl.exp(s - lse[:, None])
-            hit = tl.where(cols[None, :] == y[:, None], 1.0 - smoothing, 0.0)
-            ds -= scale[:, None] * (hit + smoothing / V)
-            if HAS_SOFTCAP:
-                ds *= 1.0 - t * t
-            ds = tl.where(rmask[:, None] & cmask[None, :], ds, 0.0)
-            if HAS_BIAS:
-                if need_db:
-                    tl.atomic_add(GB + cols, tl.sum(ds, axis=0), mask=cmask)
-            ds_in = ds.to(H.dtype.element_ty)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                dmask = dd < D
-                hmask = rmask[:, None] & dmask[None, :]
-                wmask = cmask[:, None] & dmask[None, :]
-                if need_dh:  # rows are owned by this program: plain read-add-write
-                    w = tl.load(W + cols[:, None] * D + dd[None, :], mask=wmask, other=0.0)
-                    gh = tl.load(GH + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
-                    tl.store(GH + hrow[:, None] + dd[None, :], tl.dot(ds_in, w, gh), mask=hmask)
-                if need_dw:  # vocab rows are shared by every program
-                    h = tl.load(H + hrow[:, None] + dd[None, :], mask=hmask, other=0.0)
-                    tl.atomic_add(
-                        GW + cols[:, None] * D + dd[None, :], tl.dot(tl.trans(ds_in), h), mask=wmask
+            if keep:
+                ds_in = ds.to(H.dtype.element_ty)
+                wrow = cols * stride_w
+                for d0 in range(0, D, BLOCK_DG):
+                    dd = d0 + tl.arange(0, BLOCK_DG)
+                    dmask = dd < D
+                    w = tl.load(
+                        W + wrow[:, None] + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0
                     )
+                    gmask = rmask[:, None] & dmask[None, :]
+                    acc = tl.load(GH + grow[:, None] + dd[None, :], mask=gmask, other=0.0)
+                    acc = tl.dot(ds_in, w, acc, input_precision=DOT_PRECISION)
+                    tl.store(GH + grow[:, None] + dd[None, :], acc, mask=gmask)
+            tl.debug_barrier()  # the next tile re-reads these partial rows, maybe from other threads
+
+    # need_*: runtime flags (one compiled kernel) so a frozen lm_head with a bias costs no grad_weight matmul
+    @triton.jit(do_not_specialize=["n_rows", "tiles_per_split", "need_dw", "need_db"])
+    def _flce_bwd_dw_kernel(
+        H, W, B, ROWS, Y, LSE, SCALE, GW, GB,
+        n_rows, V, D, stride_h, stride_w, tiles_per_split, softcap, smoothing, uniform, z_coef, filter_eps,
+        need_dw, need_db,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DG: tl.constexpr,
+    ):  # fmt: skip
+        """GW (splits, V, D) fp32 += this split's token tiles' ds.T @ H; GB (splits, V) fp32 <- sum of ds."""
+        split = tl.program_id(1).to(tl.int64)
+        v0 = tl.program_id(0).to(tl.int64) * BLOCK_V
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        grow = (split * V + cols) * D
+        db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        span = tiles_per_split.to(tl.int64) * BLOCK_N
+        t_lo = split * span
+        t_hi = tl.minimum(t_lo + span, n_rows)
+        for n0 in range(t_lo, t_hi, BLOCK_N):
+            offs = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            rmask = offs < n_rows
+            hrow = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64) * stride_h
+            y = tl.load(Y + offs, mask=rmask, other=-1)
+            lse = tl.load(LSE + offs, mask=rmask, other=0.0)
+            scale = tl.load(SCALE + offs, mask=rmask, other=0.0)
+            coef = 1.0 + 2.0 * z_coef * lse
+            s, t = _logits_tile(
+                H, W, B, hrow, rmask, cols, cmask, D, stride_w, softcap,
+                HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
+            has_target = tl.max(((y >= v0) & (y < v0 + BLOCK_V)).to(tl.int32), axis=0) > 0
+            valid = rmask[:, None] & cmask[None, :]
+            hit = cols[None, :] == y[:, None]
+            ds, keep = _grad_tile(
+                s, t, valid, hit, has_target, lse, coef, scale, smoothing, uniform, filter_eps, HAS_SOFTCAP
+            )
+            if keep:
+                db += tl.sum(ds, axis=0)
+                if need_dw:
+                    dst = tl.trans(ds.to(H.dtype.element_ty))  # (BLOCK_V, BLOCK_N)
+                    for d0 in range(0, D, BLOCK_DG):
+                        dd = d0 + tl.arange(0, BLOCK_DG)
+                        dmask = dd < D
+                        h = tl.load(
+                            H + hrow[:, None] + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
+                        )
+                        gmask = cmask[:, None] & dmask[None, :]
+                        acc = tl.load(GW + grow[:, None] + dd[None, :], mask=gmask, other=0.0)
+                        acc = tl.dot(dst, h, acc, input_precision=DOT_PRECISION)
+                        tl.store(GW + grow[:, None] + dd[None, :], acc, mask=gmask)
+            tl.debug_barrier()  # the next tile re-reads these partial rows, maybe from other threads
+        if HAS_BIAS:
+            if need_db:
+                tl.store(GB + split * V + cols, db, mask=cmask)
 
 
-def _launch_args(hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, config):
-    n_rows, (V, D) = rows.numel(), weight.shape
-    grid = (triton.cdiv(n_rows, config["BLOCK_N"]),)
-    dummy = bias if bias is not None else hidden  # never read when HAS_BIAS is False
-    common = (n_rows, V, D, float(softcap or 0.0), float(smoothing), float(z_loss))
-    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **config)
-    return grid, (hidden, weight, dummy, labels, rows), common, meta
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch.matmul: TF32 only where torch allows it (``set_float32_matmul_precision``
+    "high"/"medium", i.e. ``torch.backends.cuda.matmul.allow_tf32``); unused for fp16/bf16."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _triton_forward(hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss):
-    """Per-token loss, z-term and lse, each ``(N,)`` fp32 (0 for ignored tokens)."""
-    N = hidden.shape[0]
-    loss, lse, zterm = (torch.zeros(N, device=hidden.device, dtype=torch.float32) for _ in range(3))
-    if rows.numel():
-        grid, ptrs, common, meta = _launch_args(
-            hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, _FWD_CONFIG
-        )
-        _flce_fwd_kernel[grid](*ptrs, weights, loss, lse, zterm, *common, **meta)
-    return loss, lse, zterm
+def _config(configs: tuple[dict, dict], dtype: torch.dtype) -> dict:
+    return dict(configs[dtype == torch.float32])
 
 
-def _triton_backward(hidden, weight, bias, labels, rows, scale, lse, softcap, smoothing, z_loss, need):
-    """Gradients for per-token losses scaled by ``scale`` ``(N,)``: (grad_hidden, grad_weight, grad_bias),
-    None where ``need`` = (hidden, weight, bias) says no."""
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def _plan_splits(n_other: int, n_tiles: int, sms: int, max_splits: int | None = None) -> tuple[int, int]:
+    """Cut a loop over ``n_tiles`` tiles into ``(splits, tiles_per_split)``, no split empty, so that
+    ``n_other * splits`` programs reach ``_PROGRAMS_PER_SM * sms`` where the tiles allow it."""
+    want = max(1, min(n_tiles, triton.cdiv(_PROGRAMS_PER_SM * sms, max(n_other, 1)), max_splits or n_tiles))
+    per = triton.cdiv(n_tiles, want)
+    return triton.cdiv(n_tiles, per), per
+
+
+def _meta(hidden, bias, softcap, config):
+    """Constexpr and launch keyword arguments: flags, dot precision, tiles, warps and stages."""
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None)
+    return dict(flags, DOT_PRECISION=_dot_precision(hidden.dtype), **config)
+
+
+def _triton_forward(hidden, weight, bias, rows, y, softcap):
+    """``(lse, s_y, s_sum)``, each ``(n,)`` fp32 for the ``n`` target ``rows`` (int32) with targets ``y``."""
+    n, (V, D) = rows.numel(), weight.shape
+    cfg = _config(_FWD_CONFIG, hidden.dtype)
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    splits, per = _plan_splits(n_tiles, triton.cdiv(V, cfg["BLOCK_V"]), _sm_count(hidden.device))
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    bufs = [torch.zeros(x.shape, **f32) if n else None for x, n in zip((hidden, weight, bias), need)]
-    if rows.numel() and any(need):
-        grid, ptrs, common, meta = _launch_args(
-            hidden, weight, bias, labels, rows, softcap, smoothing, z_loss, _BWD_CONFIG
-        )
-        dummy = next(b for b in bufs if b is not None)  # never written when its flag is 0
-        gh, gw, gb = (dummy if b is None else b for b in bufs)
-        _flce_bwd_kernel[grid](*ptrs, scale, lse, gh, gw, gb, *common, *map(int, need), **meta)
-    return tuple(None if b is None else b.to(x.dtype) for b, x in zip(bufs, (hidden, weight, bias)))
+    part = torch.full((3, splits, n), float("nan"), **f32)
+    s_y = torch.full((n,), float("nan"), **f32)
+    dummy = bias if bias is not None else hidden  # never read when HAS_BIAS is False
+    _flce_fwd_kernel[(n_tiles, splits)](
+        hidden, weight, dummy, rows, y, part, s_y,
+        n, V, D, hidden.stride(0), weight.stride(0), per, float(softcap or 0.0),
+        **_meta(hidden, bias, softcap, cfg),
+    )  # fmt: skip
+    m = part[0].amax(0)
+    lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
+    return lse, s_y, part[2].sum(0)
+
+
+def _triton_backward(hidden, weight, bias, rows, y, scale, lse, softcap, smoothing, z_loss, filter_eps, need):
+    """Gradients of ``sum_i scale[i] * loss_i`` over the target ``rows`` (``scale``, ``lse``: ``(n,)`` fp32):
+    ``(grad_hidden (n, D), grad_weight (V, D), grad_bias (V,))`` in fp32, None where ``need`` says no."""
+    n, (V, D) = rows.numel(), weight.shape
+    sms, f32 = _sm_count(hidden.device), dict(device=hidden.device, dtype=torch.float32)
+    # The uniform -eps/V term of every logit's gradient: rank-1 updates here, unless softcap reshapes it.
+    uniform = smoothing / V if softcap is not None else 0.0
+    if filter_eps is None or (softcap is not None and smoothing):
+        filter_eps = -1.0  # keeps every tile
+    scalars = (float(softcap or 0.0), float(smoothing), float(uniform), float(z_loss), float(filter_eps))
+    args = (hidden, weight, bias if bias is not None else hidden, rows, y, lse, scale)
+    smooth_rank1 = smoothing and softcap is None
+    gh = gw = gb = None
+    if need[0]:
+        cfg = _config(_DH_CONFIG, hidden.dtype)
+        n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+        cap = max(1, _DH_PARTIAL_BYTES // (4 * n * D))
+        splits, per = _plan_splits(n_tiles, triton.cdiv(V, cfg["BLOCK_V"]), sms, cap)
+        part = torch.zeros((splits, n, D), **f32)  # accumulated: a tile-free split leaves zeros
+        if smooth_rank1:  # -eps/V * scale_i * sum_j W[j]
+            part[0] = torch.outer(scale, weight.sum(0, dtype=torch.float32)).mul_(-smoothing / V)
+        _flce_bwd_dh_kernel[(n_tiles, splits)](
+            *args, part, n, V, D, hidden.stride(0), weight.stride(0), per, *scalars,
+            **_meta(hidden, bias, softcap, cfg),
+        )  # fmt: skip
+        gh = part.sum(0) if splits > 1 else part[0]
+    if need[1] or need[2]:
+        cfg = _config(_DW_CONFIG, hidden.dtype)
+        v_tiles = triton.cdiv(V, cfg["BLOCK_V"])
+        splits, per = _plan_splits(v_tiles, triton.cdiv(n, cfg["BLOCK_N"]), sms)
+        part_w = torch.zeros((splits, V, D) if need[1] else (1, 1, 1), **f32)
+        part_b = torch.full((splits, V) if need[2] else (1, 1), float("nan"), **f32)
+        if smooth_rank1 and need[1]:  # -eps/V * sum_i scale_i h_i on every vocab row
+            part_w[0] = (scale @ hidden[rows.long()].float()).mul_(-smoothing / V)
+        _flce_bwd_dw_kernel[(v_tiles, splits)](
+            *args, part_w, part_b, n, V, D, hidden.stride(0), weight.stride(0), per, *scalars,
+            int(need[1]), int(need[2]), **_meta(hidden, bias, softcap, cfg),
+        )  # fmt: skip
+        if need[1]:
+            gw = part_w.sum(0) if splits > 1 else part_w[0]
+        if need[2]:
+            gb = part_b.sum(0)
+            if smooth_rank1:
+                gb -= smoothing / V * scale.sum()
+    return gh, gw, gb
 
 
 # ---------------------------------------------------------------------------------------------- torch
@@ -307,26 +440,47 @@ class _ChunkedFLCE(torch.autograd.Function):
 
 class _TritonFLCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss, reduction):
-        loss, lse, zterm = _triton_forward(
-            hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss
-        )
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, weights, lse)
-        ctx.cfg = (softcap, smoothing, z_loss, reduction, rows.numel())
-        return _reduce(loss, reduction, rows.numel()), _reduce(zterm, reduction, rows.numel())
+    def forward(ctx, hidden, weight, bias, rows, y, wts, softcap, smoothing, z_loss, reduction, filter_eps):
+        # rows, y: (n,) int32 target rows of hidden and their targets; wts: (n,) fp32 their loss weights
+        N, V, n = hidden.shape[0], weight.shape[0], rows.numel()
+        loss = torch.zeros(N, device=hidden.device, dtype=torch.float32)
+        zterm = torch.zeros_like(loss)
+        lse = loss.new_empty(0)
+        if n:
+            lse, s_y, s_sum = _triton_forward(hidden, weight, bias, rows, y, softcap)
+            zt = z_loss * lse * lse
+            ce = lse - (1.0 - smoothing) * s_y - smoothing / V * s_sum
+            loss.index_copy_(0, rows.long(), wts * (ce + zt))
+            zterm.index_copy_(0, rows.long(), wts * zt)
+        ctx.save_for_backward(hidden, weight, bias, rows, y, wts, lse)
+        ctx.cfg = (softcap, smoothing, z_loss, reduction, filter_eps)
+        return _reduce(loss, reduction, n), _reduce(zterm, reduction, n)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z):
-        hidden, weight, bias, labels, rows, weights, lse = ctx.saved_tensors
-        softcap, smoothing, z_loss, reduction, count = ctx.cfg
+        hidden, weight, bias, rows, y, wts, lse = ctx.saved_tensors
+        softcap, smoothing, z_loss, reduction, filter_eps = ctx.cfg
+        n, need = rows.numel(), tuple(ctx.needs_input_grad[:3])
         if reduction == "mean":
-            grad_loss = grad_loss / max(count, 1)
-        scale = (weights.float() * grad_loss.float()).contiguous()  # (N,): grad_loss broadcasts when scalar
-        need = tuple(ctx.needs_input_grad[:3])
-        grads = _triton_backward(
-            hidden, weight, bias, labels, rows, scale, lse, softcap, smoothing, z_loss, need
-        )
-        return *grads, *([None] * 7)
+            grad_loss = grad_loss / max(n, 1)
+        if reduction == "none":
+            grad_loss = grad_loss[rows.long()]
+        scale = (wts * grad_loss.float()).contiguous()  # (n,): a scalar grad_loss broadcasts
+        grads = (None, None, None)
+        if n and any(need):
+            grads = _triton_backward(
+                hidden, weight, bias, rows, y, scale, lse, softcap, smoothing, z_loss, filter_eps, need
+            )
+        out = []
+        for x, g, needed in zip((hidden, weight, bias), grads, need):
+            if not needed:
+                out.append(None)
+            elif x is hidden:  # (n, D) rows of grad_hidden; ignored tokens get 0
+                gx = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
+                out.append(gx if g is None else gx.index_copy_(0, rows.long(), g.to(x.dtype)))
+            else:
+                out.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
+        return *out, *([None] * 8)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -374,6 +528,23 @@ def _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoo
         raise ValueError(f"z_loss must be >= 0; got {z_loss}")
 
 
+def _check_targets(labels: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Raise when a label is neither ignore_index nor a class in [0, V): one reduction (and sync) per call."""
+    bad = valid & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        value = int(labels[pos])
+        hint = (
+            f"pass ignore_index={value} if that is your padding label"
+            if value < 0
+            else f"a label >= V means the tokenizer's vocabulary is larger than the lm_head's ({V} rows)"
+        )
+        raise ValueError(
+            f"labels[{pos}] = {value} is not a class in [0, V={V}) nor ignore_index={ignore_index}: "
+            f"set positions without a target to {ignore_index}; {hint}"
+        )
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -388,6 +559,7 @@ def fused_linear_cross_entropy(
     weights: torch.Tensor | None = None,
     backend: str = "auto",
     return_z_loss: bool = False,
+    filter_eps: float | str | None = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels`` without the ``(N, V)`` logits.
 
@@ -404,12 +576,23 @@ def fused_linear_cross_entropy(
         weights: optional ``(N,)`` per-token loss weights (not differentiated).
         backend: ``"torch"`` (chunked), ``"triton"`` or ``"auto"`` (triton on CUDA, torch elsewhere).
         return_z_loss: also return the z-loss part of the loss (same reduction, detached) for logging.
+        filter_eps: triton backward only (the torch path is exact): skip a tile of the logits' gradient whose
+            ``(1 + 2 z_loss lse) * softmax`` is below this everywhere and that holds no target (Cut
+            Cross-Entropy's gradient filtering). ``"auto"``: ``finfo(hidden.dtype).eps / 32``, each skipped
+            term below the gradient's resolution; ``None`` or ``0``: keep every tile. Off when both softcap
+            and label_smoothing are set.
 
     Returns:
         The loss (including the z-loss term), or ``(loss, z_term)`` when ``return_z_loss``. Differentiable
         with respect to ``hidden``, ``weight`` and ``bias``.
     """
     _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoothing, z_loss, backend)
+    if not (
+        filter_eps is None
+        or filter_eps == "auto"
+        or (isinstance(filter_eps, (int, float)) and filter_eps >= 0)
+    ):
+        raise ValueError(f"filter_eps must be 'auto', None or a float >= 0; got {filter_eps!r}")
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and triton is not None else "torch"
     if backend == "triton":
@@ -417,16 +600,21 @@ def fused_linear_cross_entropy(
             raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
         if hidden.dtype == torch.float64:
             raise ValueError("backend='triton' takes fp16/bf16/fp32 hidden and weight; got float64")
-    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+    # Row strides are kernel arguments (no copy of a sliced lm_head); only the hidden dimension must be dense.
+    hidden, weight = (x if x.stride(1) == 1 else x.contiguous() for x in (hidden, weight))
+    labels, bias = labels.contiguous(), None if bias is None else bias.contiguous()
     if weights is None:
         weights = torch.ones(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-    rows = (labels != ignore_index).nonzero().squeeze(1)  # (n_targets,) int64: ignored tokens cost nothing
+    valid = labels != ignore_index
+    _check_targets(labels, valid, weight.shape[0], ignore_index)
+    rows = valid.nonzero().squeeze(1)  # (n_targets,) int64: ignored tokens cost nothing
     labels = labels.long()
     opts = (softcap, float(label_smoothing), float(z_loss), reduction)
     if backend == "triton":
-        loss, zterm = _TritonFLCE.apply(
-            hidden, weight, bias, labels, rows.to(torch.int32), weights.float().contiguous(), *opts
-        )
+        if filter_eps == "auto":
+            filter_eps = torch.finfo(hidden.dtype).eps / 32
+        y, wts = labels[rows].to(torch.int32), weights[rows].float()
+        loss, zterm = _TritonFLCE.apply(hidden, weight, bias, rows.to(torch.int32), y, wts, *opts, filter_eps)
     else:
         need = tuple(
             torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)
@@ -439,41 +627,57 @@ def fused_linear_cross_entropy(
 
 
 def aot_specs() -> list:
-    """Every Triton configuration this module launches (for ``ragkern.kernels._aot`` and the kernel report)."""
+    """Every Triton configuration this module launches (for ``ragkern.kernels._aot`` and the kernel report):
+    the JIT's specialisations of the shapes that run (V, D and row strides divisible by 16, as for Llama-3's
+    V=128256, D=4096) for each dtype and flag, fp32 with TF32 allowed, and an odd vocabulary (V=32003)."""
     from ._aot import AotSpec
 
-    scalars = dict(n_rows="i32", V="i32", D="i32", softcap="fp32", smoothing="fp32", z_coef="fp32")
+    ints = ("n_rows", "V", "D", "stride_h", "stride_w", "tiles_per_split", "need_dw", "need_db")
+    variants = [
+        (dt, bias, cap, "tf32" if dt != "fp32" else "ieee", True)
+        for dt in ("bf16", "fp16", "fp32")
+        for bias in (False, True)
+        for cap in (False, True)
+    ]
+    variants += [("fp32", False, False, "tf32", True), ("bf16", False, False, "tf32", False),
+                 ("fp32", False, False, "ieee", False)]  # fmt: skip
     specs = []
-    for name, fn, outs, flags, config in (
-        ("flce_fwd", _flce_fwd_kernel, ("WTS", "LOSS", "LSE", "ZTERM"), (), _FWD_CONFIG),
-        (
-            "flce_bwd",
-            _flce_bwd_kernel,
-            ("SCALE", "LSE", "GH", "GW", "GB"),
-            ("need_dh", "need_dw", "need_db"),
-            _BWD_CONFIG,
-        ),
+    for name, fn, config in (
+        ("flce_fwd", _flce_fwd_kernel, _FWD_CONFIG),
+        ("flce_bwd_dh", _flce_bwd_dh_kernel, _DH_CONFIG),
+        ("flce_bwd_dw", _flce_bwd_dw_kernel, _DW_CONFIG),
     ):
-        blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
-        for dtype in ("fp16", "bf16", "fp32"):
-            for has_bias in (False, True):
-                for has_softcap in (False, True):
-                    ptr = "*" + dtype
-                    signature = dict(H=ptr, W=ptr, B=ptr, Y="*i64", ROWS="*i32", **{o: "*fp32" for o in outs})
-                    signature.update(scalars, **{f: "i32" for f in flags})
-                    constexprs = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **blocks)
-                    signature.update({k: "constexpr" for k in constexprs})
-                    tile = " ".join(f"{k[6:]}={v}" for k, v in blocks.items())
-                    specs.append(
-                        AotSpec(
-                            kernel=name,
-                            fn=fn,
-                            signature=signature,
-                            constexprs=constexprs,
-                            num_warps=config["num_warps"],
-                            num_stages=config["num_stages"],
-                            config=f"{dtype} bias={int(has_bias)} softcap={int(has_softcap)} {tile} "
-                            f"w{config['num_warps']} s{config['num_stages']}",
-                        )
-                    )
+        for dtype, has_bias, has_softcap, precision, v16 in variants:
+            cfg = _config(config, torch.float32 if dtype == "fp32" else torch.float16)
+            blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+            constexprs = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, DOT_PRECISION=precision, **blocks)
+            signature = {}
+            for arg in fn.arg_names:
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg in ("H", "W", "B"):
+                    signature[arg] = "*" + dtype
+                elif arg in ("ROWS", "Y"):
+                    signature[arg] = "*i32"
+                elif arg in ints:
+                    signature[arg] = "i32"
+                else:
+                    signature[arg] = "*fp32" if arg.isupper() else "fp32"
+            # the JIT marks pointers and ints divisible by 16 (never the do_not_specialize ones)
+            aligned = [a for a, t in signature.items() if t.startswith("*")] + ["D", "stride_h", "stride_w"]
+            aligned += ["V"] if v16 else []
+            tile = " ".join(f"{k[6:]}={v}" for k, v in blocks.items())
+            specs.append(
+                AotSpec(
+                    kernel=name,
+                    fn=fn,
+                    signature=signature,
+                    constexprs=constexprs,
+                    num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"],
+                    config=f"{dtype} {precision} bias={int(has_bias)} softcap={int(has_softcap)} "
+                    f"V%16={'0' if v16 else 'odd'} {tile} w{cfg['num_warps']} s{cfg['num_stages']}",
+                    aligned=tuple(aligned),
+                )
+            )
     return specs

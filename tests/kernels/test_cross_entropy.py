@@ -1,5 +1,8 @@
 """fused_linear_cross_entropy against F.cross_entropy(hidden @ weight.T) in float64: loss and every gradient."""
 
+import mmap
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,14 +48,20 @@ def reference(hidden, weight, labels, *, bias=None, reduction="mean", softcap=No
 
 
 def check(N, H, V, *, backend, dtype=torch.float32, bias=False, ignore_frac=0.25, weights=False, seed=0,
-          atol=1e-5, rtol=1e-4, grad_out="random", **opts):  # fmt: skip
-    hidden, weight, b, labels, w = make_inputs(
-        N, H, V, dtype=dtype, bias=bias, ignore_frac=ignore_frac, weights=weights, seed=seed
-    )
+          **kwargs):  # fmt: skip
+    inputs = make_inputs(N, H, V, dtype=dtype, bias=bias, ignore_frac=ignore_frac, weights=weights, seed=seed)
+    return check_tensors(*inputs, backend=backend, seed=seed, **kwargs)
+
+
+def check_tensors(hidden, weight, b, labels, w, *, backend, seed=0, atol=1e-5, rtol=1e-4, grad_out="random",
+                  filter_eps="auto", **opts):  # fmt: skip
+    """Loss, z-term and every gradient against :func:`reference` in float64; returns the max abs errors."""
+    dtype = hidden.dtype
     leaves = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
     loss, zterm = fused_linear_cross_entropy(
-        hidden, weight, labels, bias=b, weights=w, backend=backend, return_z_loss=True, **opts
-    )
+        hidden, weight, labels, bias=b, weights=w, backend=backend, return_z_loss=True, filter_eps=filter_eps,
+        **opts,
+    )  # fmt: skip
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rh, rw, rb = ref_leaves + [None] * (3 - len(ref_leaves))
     ref, ref_z = reference(rh, rw, labels, bias=rb, weights=w, **opts)
@@ -60,6 +69,7 @@ def check(N, H, V, *, backend, dtype=torch.float32, bias=False, ignore_frac=0.25
     assert torch.isfinite(loss).all()
     torch.testing.assert_close(loss.double(), ref.detach(), atol=atol, rtol=rtol)
     torch.testing.assert_close(zterm.double(), ref_z.detach(), atol=atol, rtol=rtol)
+    errors = {"loss": (loss.double() - ref.detach()).abs().max().item()}
     go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed + 1))
     if grad_out == "ones" or loss.dim() == 0:
         go = torch.ones_like(loss)
@@ -70,6 +80,29 @@ def check(N, H, V, *, backend, dtype=torch.float32, bias=False, ignore_frac=0.25
         torch.testing.assert_close(
             got.double(), want, atol=atol, rtol=rtol, msg=lambda m, n=name: f"grad {n}: {m}"
         )
+        errors[name] = (got.double() - want).abs().max().item()
+    return errors
+
+
+@pytest.fixture(autouse=True)
+def fast_half_dot(monkeypatch):
+    """Speed only: the interpreter multiplies fp16 tiles with numpy's generic loop (no BLAS). Products of
+    fp16 values are exact in fp32, so a BLAS product of fp32 copies is the same fp32-accumulated dot."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    import numpy as np
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype == np.float16 and b.data.dtype == np.float16 and d.data.dtype == np.float32:
+            prod = np.matmul(a.data.astype(np.float32), b.data.astype(np.float32))
+            return interpreter.TensorHandle(prod + d.data, d.dtype.scalar)
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
 @pytest.fixture
@@ -133,6 +166,18 @@ def test_frozen_weight(backend, reduction, small_chunks):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
+def test_triton_frozen_weight_trained_bias():
+    """grad_bias without grad_weight (the dweight kernel sums ds but skips its matmul)."""
+    pytest.importorskip("triton")
+    hidden, weight, b, labels, _ = make_inputs(29, 16, 301, bias=True, seed=6)
+    leaves = [hidden.requires_grad_(), b.requires_grad_()]
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, label_smoothing=0.1, backend="triton")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference(ref_leaves[0], weight.double(), labels, bias=ref_leaves[1], label_smoothing=0.1)[0]
+    for got, want in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(ref, ref_leaves)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
 def test_all_ignored_is_zero_not_nan():
     hidden, weight, _, labels, _ = make_inputs(5, 8, 11)
     labels[:] = IGNORE
@@ -165,9 +210,10 @@ def test_no_grad_forward():
         (dict(backend="cuda"), "backend="),
         (dict(softcap=0.0), "softcap"),
         (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(filter_eps=-1.0), "filter_eps"),
     ],
     ids=["hidden_3d", "weight_H", "labels_N", "labels_float", "dtype_mix", "bias_V", "weights_N",
-         "reduction", "backend", "softcap", "smoothing"],
+         "reduction", "backend", "softcap", "smoothing", "filter_eps"],
 )  # fmt: skip
 def test_errors(bad, match):
     args = dict(hidden=torch.zeros(4, 4), weight=torch.zeros(7, 4), labels=torch.zeros(4, dtype=torch.long))
@@ -198,14 +244,289 @@ def test_triton_interpreter(case):
     check(N, H, 1003 if "fp16" not in case else 333, backend="triton", seed=len(case), **opts)
 
 
-@pytest.mark.slow  # about a minute on a cold Triton cache (two cores), seconds once cached
+@pytest.mark.slow  # several minutes on a cold Triton cache (two cores), seconds once cached
 def test_aot_compiles():
-    """Every launched configuration compiles for sm_80 and sm_90 with no register spills; HGMMA on sm_90."""
+    """Every launched configuration compiles for sm_80 and sm_90 with no register spills; HGMMA on sm_90
+    wherever the dot may use tensor cores (everything but fp32 under IEEE precision)."""
     pytest.importorskip("triton")
     from ragkern.kernels._aot import compile_modules
 
     records = compile_modules(["ragkern.kernels.cross_entropy"], archs=(80, 90))
-    assert len(records) == 2 * len(ce_mod.aot_specs()) == 48
-    spilled = [(r["kernel"], r["config"], r["arch"]) for r in records if r["stack_bytes"]]
+    assert len(records) == 2 * len(ce_mod.aot_specs()) == 90
+    assert {r["kernel"] for r in records} == {"flce_fwd", "flce_bwd_dh", "flce_bwd_dw"}
+    spilled = [(r["kernel"], r["config"], r["arch"], r["stack_bytes"]) for r in records if r["stack_bytes"]]
     assert not spilled
-    assert all(r["hgmma"] > 0 for r in records if r["arch"] == "sm_90")
+    tensor_cores = [r for r in records if r["arch"] == "sm_90" and " ieee " not in r["config"]]
+    assert tensor_cores and all(r["hgmma"] > 0 for r in tensor_cores)
+
+
+@pytest.fixture
+def tf32_emulation(monkeypatch):
+    """The interpreter computes every fp32 ``tl.dot`` in full precision; make it round operands to TF32 (keep
+    10 mantissa bits: drop the low 13) where the kernel asks for "tf32", as sm_80/sm_90 tensor cores do."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    import numpy as np
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision.name == "TF32" and a.data.dtype == np.float32:
+            a, b = (interpreter.TensorHandle((x.data.view(np.uint32) & 0xFFFFE000).view(np.float32), x.dtype)
+                    for x in (a, b))  # fmt: skip
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.parametrize("case", ["plain_fp32", "bias_fp32", "all_fp32"])
+def test_triton_fp32_follows_matmul_precision(case, tf32_emulation):
+    """fp32 dots run in IEEE fp32 under torch's default ("highest") precision and meet the fp32 tolerance;
+    with "high" (TF32 allowed, as for torch.matmul) the emulated TF32 rounding misses it."""
+    pytest.importorskip("triton")
+    opts = dict(TRITON_CASES[case])
+    torch.set_float32_matmul_precision("highest")
+    check(37, 48, 1003, backend="triton", seed=len(case), **opts)
+    torch.set_float32_matmul_precision("high")
+    with pytest.raises(AssertionError):
+        check(37, 48, 1003, backend="triton", seed=len(case), **opts)
+
+
+@pytest.mark.parametrize("bad", [-1, 31, 10**6], ids=["pad_minus_1", "V", "huge"])
+def test_out_of_range_label_raises_on_both_paths(bad):
+    """A target outside [0, V) that is not ignore_index trains toward no class: both paths refuse it with
+    the same error, naming the value, its position, V and the fix."""
+    pytest.importorskip("triton")
+    hidden, weight, _, labels, _ = make_inputs(9, 8, 31, ignore_frac=0.0)
+    labels[6] = bad
+    messages = []
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError) as err:
+            fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    for part in (f"labels[6] = {bad}", "[0, V=31)", "ignore_index=-100"):
+        assert part in messages[0]
+
+
+@pytest.fixture
+def shuffled_grid(monkeypatch):
+    """Run each launch's programs in a random order, as a GPU may schedule them: ``set_order(seed)`` picks it.
+    The interpreter runs programs one after the other in grid order, which hides order-dependent sums."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    import numpy as np
+
+    builder = interpreter.interpreter_builder
+    state = {"rng": np.random.default_rng(0)}
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+
+    def set_grid_dim(nx, ny, nz):
+        set_dim(nx, ny, nz)
+        state["order"] = state["rng"].permutation(nx * ny * nz)
+
+    def set_grid_idx(x, y, z):
+        _, ny, nz = builder.grid_dim
+        k = int(state["order"][(x * ny + y) * nz + z])
+        set_idx(k // (ny * nz), (k // nz) % ny, k % nz)
+
+    monkeypatch.setattr(builder, "set_grid_dim", set_grid_dim)
+    monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
+    return lambda seed: state.update(rng=np.random.default_rng(seed))
+
+
+def test_triton_deterministic_gradients(shuffled_grid):
+    """Under torch.use_deterministic_algorithms(True) every gradient is bitwise the same whatever order the
+    programs run in (no floating-point atomics whose order changes the sum)."""
+    pytest.importorskip("triton")
+    hidden, weight, b, labels, w = make_inputs(
+        333, 16, 203, bias=True, weights=True, ignore_frac=0.1, seed=11
+    )
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    runs = []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for seed in (1, 2):
+            shuffled_grid(seed)
+            loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, weights=w, backend="triton")
+            runs.append([loss, *torch.autograd.grad(loss, leaves)])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for name, first, second in zip(("loss", "hidden", "weight", "bias"), *runs):
+        assert torch.equal(first, second), name
+
+
+LARGE_VOCAB = {
+    "fp32": dict(dtype=torch.float32, softcap=30.0, label_smoothing=0.05, z_loss=1e-3),  # smoothing in-kernel
+    "fp16": dict(dtype=torch.float16, bias=True, label_smoothing=0.1, z_loss=1e-3, atol=2e-3, rtol=2e-2),
+}
+
+
+@pytest.mark.parametrize(
+    "V", [32003, pytest.param(151936, marks=pytest.mark.slow)], ids=["V32003", "V151936"]
+)  # V151936: about a minute per dtype on two loaded cores
+@pytest.mark.parametrize("case", LARGE_VOCAB, ids=list(LARGE_VOCAB))
+def test_triton_large_vocab(V, case):
+    """Odd vocabularies (last tile partial) against float64: loss and every gradient, per-token weights."""
+    pytest.importorskip("triton")
+    check(13, 16, V, backend="triton", weights=True, reduction="none", seed=V, **LARGE_VOCAB[case])
+
+
+@pytest.mark.parametrize(
+    "programs_per_sm", [0, 10, 10**6], ids=["one_split", "several_tiles_per_split", "one_tile_per_split"]
+)
+def test_triton_grid_plans(programs_per_sm, monkeypatch):
+    """Every way of cutting the vocabulary (forward, dhidden) and the tokens (dweight) into splits gives the
+    same loss and gradients: one program per row block looping over every tile, splits of several tiles
+    with a short last one, one tile per split. ~450 targets: 4 token tiles of dweight's 128 rows."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(ce_mod, "_DEFAULT_SMS", 4)
+    monkeypatch.setattr(ce_mod, "_PROGRAMS_PER_SM", programs_per_sm)
+    opts = dict(bias=True, softcap=5.0, label_smoothing=0.2, z_loss=1e-2, weights=True, reduction="none")
+    check(501, 24, 2003, backend="triton", ignore_frac=0.1, seed=programs_per_sm % 97, **opts)
+
+
+def test_plan_splits():
+    """Splits fill the GPU at 1k targets (issue 12: the old grid launched 16 programs on 132 SMs) and are
+    never empty."""
+    pytest.importorskip("triton")
+    for n in (1024, 16384):
+        fwd, dh, dw = (ce_mod._config(c, torch.bfloat16) for c in (ce_mod._FWD_CONFIG, ce_mod._DH_CONFIG,
+                                                                    ce_mod._DW_CONFIG))  # fmt: skip
+        n_fwd, n_dh = -(-n // fwd["BLOCK_N"]), -(-n // dh["BLOCK_N"])
+        splits, _ = ce_mod._plan_splits(n_fwd, -(-128256 // fwd["BLOCK_V"]), 132)
+        assert n_fwd * splits >= 2 * 132  # at least two programs per SM (rounding splits to whole tiles)
+        cap = ce_mod._DH_PARTIAL_BYTES // (4 * n * 4096)
+        splits, _ = ce_mod._plan_splits(n_dh, -(-128256 // dh["BLOCK_V"]), 132, cap)
+        assert n_dh * splits >= 132  # fewer splits: its fp32 partials stop at _DH_PARTIAL_BYTES
+        assert -(-128256 // dw["BLOCK_V"]) >= 2 * 132
+    for n_other, n_tiles in ((1, 1), (3, 7), (5, 1002), (1000, 3)):
+        splits, per = ce_mod._plan_splits(n_other, n_tiles, 132)
+        assert (splits - 1) * per < n_tiles <= splits * per
+
+
+def filtered_reference(hidden, weight, b, labels, w, *, filter_eps, label_smoothing, z_loss):
+    """Gradients (reduction="sum") of the filtered backward in float64: a (token tile, vocab tile) of the
+    target rows is dropped, in each backward kernel's own tiling, when it holds no target and
+    ``(1 + 2 z_loss lse) softmax < filter_eps`` all over it; the uniform smoothing term is never dropped.
+    Also returns the fraction of tiles dropped by each kernel."""
+    rows = (labels != IGNORE).nonzero().squeeze(1)
+    h, W = hidden.double()[rows], weight.double()
+    y, scale = labels[rows], w.double()[rows]
+    z = h @ W.T + (b.double() if b is not None else 0.0)
+    lse = torch.logsumexp(z, 1, keepdim=True)
+    g = (1 + 2 * z_loss * lse) * torch.exp(z - lse)  # (n, V)
+    onehot = F.one_hot(y, W.shape[0]).double()
+    uniform = -label_smoothing / W.shape[0] * scale[:, None].expand_as(g)
+    grads, dropped = [], []
+    for configs in (ce_mod._DH_CONFIG, ce_mod._DW_CONFIG):
+        cfg = ce_mod._config(configs, hidden.dtype)
+        bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+        keep = torch.zeros_like(g)
+        tiles = 0
+        for i in range(0, g.shape[0], bn):
+            for j in range(0, g.shape[1], bv):
+                tile = (slice(i, i + bn), slice(j, j + bv))
+                kept = bool(onehot[tile].any()) or g[tile].abs().max() >= filter_eps
+                keep[tile] = float(kept)
+                tiles += not kept
+        dropped.append(tiles / (-(-g.shape[0] // bn) * -(-g.shape[1] // bv)))
+        grads.append(scale[:, None] * (g - (1 - label_smoothing) * onehot) * keep + uniform)
+    gh = torch.zeros_like(hidden, dtype=torch.float64).index_copy_(0, rows, grads[0] @ W)
+    gb = grads[1].sum(0) if b is not None else None
+    return (gh, grads[1].T @ h, gb), dropped
+
+
+def test_triton_gradient_filtering_matches_its_definition():
+    """With a threshold that drops about half of the tiles (a softmax falling over the vocabulary), the
+    kernels' gradients
+    equal the filtered definition (each kernel's tiling; target tiles kept; smoothing's uniform term kept)
+    and differ from the unfiltered ones, so the switch works both ways."""
+    pytest.importorskip("triton")
+    opts = dict(label_smoothing=0.1, z_loss=1e-2)
+    hidden, weight, b, labels, w = make_inputs(
+        301, 24, 1003, bias=True, weights=True, ignore_frac=0.1, seed=7
+    )
+    labels[labels != IGNORE] %= 200  # frequent tokens: most tiles hold no target, as at V=128k
+    b = -2.0 * torch.log1p(torch.arange(1003.0))  # Zipf-like: the softmax falls over the vocabulary
+    # a threshold between two tile maxima far apart, so fp32 and float64 agree on every tile
+    rows = labels != IGNORE
+    z = hidden.double()[rows] @ weight.double().T + b.double()
+    g = ((1 + 2e-2 * torch.logsumexp(z, 1, keepdim=True)) * torch.softmax(z, 1)).abs()
+    tiles = [ce_mod._config(c, torch.float32) for c in (ce_mod._DH_CONFIG, ce_mod._DW_CONFIG)]
+    pooled = [F.max_pool2d(g[None], (c["BLOCK_N"], c["BLOCK_V"]), ceil_mode=True).flatten() for c in tiles]
+    maxima = torch.cat(pooled).sort().values
+    mid = maxima[len(maxima) // 4 : 3 * len(maxima) // 4]
+    k = int((mid[1:] / mid[:-1]).argmax())
+    eps = float((mid[k] * mid[k + 1]).sqrt())
+    want, dropped = filtered_reference(hidden, weight, b, labels, w, filter_eps=eps, **opts)
+    assert all(0.2 < d < 0.8 for d in dropped), dropped
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    got = {}
+    for name, filt in (("filtered", eps), ("off", None)):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, weights=w, reduction="sum",
+                                          backend="triton", filter_eps=filt, **opts)  # fmt: skip
+        got[name] = torch.autograd.grad(loss, leaves)
+    for name, a, e, off in zip(("hidden", "weight", "bias"), got["filtered"], want, got["off"]):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        assert (a - off).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_gradient_filtering_auto_on_peaked_softmax(dtype):
+    """A trained model's softmax is peaked: with filter_eps="auto" most tiles are skipped and the gradients
+    still meet the dtype's tolerance against float64 (label smoothing included)."""
+    pytest.importorskip("triton")
+    hidden, weight, b, labels, w = make_inputs(300, 64, 1003, weights=True, ignore_frac=0.1, seed=3)
+    labels[labels != IGNORE] %= 200  # frequent tokens: most tiles hold no target, as at V=128k
+    # target logit ~60, the others ~N(0, 7.5^2): softmax below 1e-10 off the target
+    hidden = (60.0 * weight[labels.clamp(min=0)] + 0.1 * hidden).to(dtype)
+    weight = weight.to(dtype)
+    eps = torch.finfo(dtype).eps / 32
+    _, dropped = filtered_reference(
+        hidden, weight, None, labels, w, filter_eps=eps, label_smoothing=0.1, z_loss=0.0
+    )
+    assert min(dropped) > 0.5, dropped
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
+    check_tensors(hidden, weight, None, labels, w, backend="triton", label_smoothing=0.1, **tol)
+
+
+def test_triton_filtering_off_with_softcap_and_smoothing():
+    """Softcap reshapes smoothing's uniform gradient per logit, so it cannot be added on the host: filtering
+    is off and even a threshold that would drop every tile leaves the gradients exact."""
+    pytest.importorskip("triton")
+    check(61, 24, 1003, backend="triton", softcap=5.0, label_smoothing=0.1, filter_eps=1.0)
+
+
+@pytest.fixture
+def sparse_memory():
+    """``alloc(numel, dtype)``: a tensor on a private anonymous mapping reserved without memory: a page
+    exists once written, and reading an untouched page gives zeros. Gigabytes of address space, kilobytes
+    of memory."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux mmap semantics (MAP_NORESERVE, zero pages)")
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+    def alloc(numel, dtype):
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return torch.frombuffer(mmap.mmap(-1, numel * itemsize, flags=flags), dtype=dtype, count=numel)
+
+    return alloc
+
+
+def test_triton_offsets_past_2_31(sparse_memory):
+    """Row offsets ``row * stride`` past 2^31 elements (a 131,200 x 16,384 lm_head reaches 2.1e9): views whose
+    rows are 2^31 - 16 elements apart, so row 2 sits at 2^32 - 32. Offsets computed in int32 wrap to -32,
+    inside the mapping, where zeros are read: a wrong loss and wrong gradients rather than a crash."""
+    pytest.importorskip("triton")
+    D, stride = 16, 2**31 - 16
+    memory = sparse_memory(64 + 2 * stride + 2 * D, torch.float16)
+    weight = memory[64:].as_strided((3, D), (stride, 1))  # vocab rows at 64, 64 + stride, 64 + 2 stride
+    hidden = memory[64 + D :].as_strided((3, D), (stride, 1))  # token rows right after each vocab row
+    g = torch.Generator().manual_seed(0)
+    weight.copy_(torch.randn(3, D, generator=g) / D**0.5)
+    hidden.copy_(torch.randn(3, D, generator=g))
+    labels = torch.tensor([2, 0, 2])
+    check_tensors(hidden, weight, None, labels, None, backend="triton", reduction="sum", atol=2e-3, rtol=2e-2)
