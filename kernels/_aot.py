@@ -60,6 +60,8 @@ class AotSpec:
     aligned: tuple[str, ...] | None = field(default=None)
     # runtime values of integer arguments, specialised as triton.jit does (1 -> constant, % 16 == 0 -> divisible)
     values: dict[str, int] = field(default_factory=dict)
+    # the archs whose launcher picks this config (None: every arch compiled)
+    archs: tuple[int, ...] | None = None
 
 
 class AotError(RuntimeError):
@@ -460,8 +462,9 @@ def _compile_in_process(modules: list[str], archs: tuple[int, ...], strict: bool
     tasks = [
         (name, i, arch)
         for name in modules
-        for i in range(len(importlib.import_module(name).aot_specs()))
+        for i, spec in enumerate(importlib.import_module(name).aot_specs())
         for arch in archs
+        if spec.archs is None or arch in spec.archs
     ]
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(min(jobs, len(tasks))) as pool:

@@ -421,23 +421,32 @@ class _Config:
 _INTERPRET_CONFIG = _Config(16, 16, 4, 1)
 
 
-def _gpu_configs(head_dim: int, dtype: torch.dtype) -> dict[str, _Config]:
-    """Tiles for (forward, dkdv, dq) on sm_80/sm_90, chosen from the AOT kernel report.
+def _gpu_configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict[str, _Config]:
+    """Tiles for (forward, dkdv, dq) on sm_``arch``, chosen from the AOT kernel report.
 
-    fp16/bf16: every tl.dot has N >= 64 on Hopper (HGMMA 64x64x16 or wider): the key tile of QK^T and the query
-    step of dK/dV's K Q^T are 64 wide, and with 8 warps (two warpgroups) the M side is 128, so no warpgroup gets a
-    narrower half (64 rows on 8 warps would split N). dK/dV keeps two (keys, D) fp32 accumulators per program and
-    spills at D >= 80 (FlashAttention-2's 128-key x 64-query tile, whose remedy on Hopper is warp specialisation);
-    the numbers are in bench/results/kernel_report.json.
+    Hopper (sm_90+), fp16/bf16: every tl.dot has N >= 64 (HGMMA 64x64x16 or wider): the key tile of QK^T and the
+    query step of dK/dV's K Q^T are 64 wide, and with 8 warps (two warpgroups) the M side is 128, so no warpgroup
+    gets a narrower half (64 rows on 8 warps would split N). dK/dV keeps two (keys, D) fp32 accumulators per program
+    and spills at D >= 80 (FlashAttention-2's 128-key x 64-query tile; the remedy on Hopper is warp specialisation).
+    Ampere (mma.sync, no wgmma width to reach) keeps smaller tiles that stay free of forward spills. fp32 runs IEEE
+    (no tensor-core path): small tiles. The numbers are in bench/results/kernel_report.json.
     """
-    if head_dim <= 64:
-        fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(64, 64, 4, 2), _Config(64, 64, 4, 2)
-    elif head_dim <= 128:
-        fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 128, 8, 2), _Config(128, 64, 8, 2)
-    else:  # (128, 64) forward keeps 8 B of stack on sm_90, 64 x 64 spills 72 B; dK/dV at 256 spills (see report)
-        fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 64, 4, 1), _Config(128, 64, 8, 2)
-    if dtype == torch.float32:  # IEEE fp32 has no tensor-core path: small tiles that stay in registers
+    if dtype == torch.float32 and head_dim <= 64:
         fwd, dkdv, dq = _Config(32, 16, 8, 1), _Config(16, 32, 8, 1), _Config(32, 16, 8, 1)
+    elif dtype == torch.float32:  # 32 x 16 spills 8-16 B at D=128
+        fwd, dkdv, dq = _Config(16, 16, 4, 1), _Config(16, 16, 4, 1), _Config(16, 16, 4, 1)
+    elif arch >= 90 and head_dim <= 64:
+        fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(64, 64, 4, 2), _Config(64, 64, 4, 2)
+    elif arch >= 90 and head_dim <= 128:
+        fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 128, 8, 2), _Config(128, 64, 8, 2)
+    elif arch >= 90:  # the (128, 64) forward keeps 8 B of stack; 64 x 64 spills 72 B
+        fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 64, 4, 1), _Config(128, 64, 8, 2)
+    elif head_dim <= 64:
+        fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(32, 64, 8, 2), _Config(64, 32, 4, 2)
+    elif head_dim <= 128:
+        fwd, dkdv, dq = _Config(64, 32, 4, 2), _Config(16, 64, 8, 2), _Config(64, 32, 4, 2)
+    else:
+        fwd, dkdv, dq = _Config(64, 32, 8, 2), _Config(16, 32, 4, 1), _Config(64, 16, 8, 1)
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
 
 
@@ -456,7 +465,8 @@ def _triton_ready(device: torch.device) -> None:
 def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, _Config]:
     if device.type != "cuda":
         return {"fwd": _INTERPRET_CONFIG, "dkdv": _INTERPRET_CONFIG, "dq": _INTERPRET_CONFIG}
-    return _gpu_configs(head_dim, dtype)
+    major, minor = torch.cuda.get_device_capability(device)  # cached device properties: no sync
+    return _gpu_configs(head_dim, dtype, 10 * major + minor)
 
 
 def _delta_rows(head_dim: int) -> int:
@@ -844,6 +854,11 @@ def _aot_values(kernel: str, D: int, cfg: _Config, blocks: bool, mha: bool) -> d
     return values
 
 
+def _aot_archs(D: int, dtype: torch.dtype) -> list[tuple[int, ...] | None]:
+    """One spec for every arch when their tiles agree, else one per arch."""
+    return [None] if _gpu_configs(D, dtype, 80) == _gpu_configs(D, dtype, 90) else [(80,), (90,)]
+
+
 def aot_specs() -> list[AotSpec]:
     """The GPU path's kernels as the JIT specialises them (see ``_aot_values``): every head_dim in bf16, fp16 and
     fp32 at 64 and 128 (causal), non-causal at 128, block masks at 64 and 128 (causal) and 128 (non-causal), and
@@ -861,8 +876,8 @@ def aot_specs() -> list[AotSpec]:
         (128, bf16, True, True, False),
     ]
     variants += [(128, bf16, False, True, False), (128, bf16, True, False, True)]
-    for D, dtype, causal, blocks, mha in variants:
-        ty, cfgs = _AOT_DTYPES[dtype], _gpu_configs(D, dtype)
+    for (D, dtype, causal, blocks, mha), archs in [(v, a) for v in variants for a in _aot_archs(v[0], v[1])]:
+        ty, cfgs = _AOT_DTYPES[dtype], _gpu_configs(D, dtype, archs[0] if archs else 90)
         ptr = "*" + ty
         mode = ("causal" if causal else "full") + (" blocks" if blocks else "") + (" mha" if mha else "")
         consts = dict(CAUSAL=causal, HAS_BLOCKS=blocks, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D))
@@ -882,8 +897,12 @@ def aot_specs() -> list[AotSpec]:
             sig.update({c: "constexpr" for c in (*consts, "BLOCK_M", "BLOCK_N", "DOT_PREC")})
             cx = dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(dtype))
             config = f"D={D} {ty} {mode} M={cfg.block_m} N={cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-            specs.append(AotSpec(kernel, fn, sig, cx, cfg.num_warps, cfg.num_stages, config, values=values))
-        if not causal or blocks or mha:
+            specs.append(
+                AotSpec(
+                    kernel, fn, sig, cx, cfg.num_warps, cfg.num_stages, config, values=values, archs=archs
+                )
+            )
+        if not causal or blocks or mha or (archs and archs[0] != 90):
             continue
         sig = {"Out": ptr, "DO": ptr, "DELTA": "*fp32", "stride_ot": "i32", "stride_oh": "i32"}
         sig.update({"stride_dt": "i32", "stride_dh": "i32", "total": "i32"})
