@@ -405,6 +405,8 @@ def int32_offset_overflows(ttir: str) -> list[str]:
             v = b[0]
         elif n.op == "arith.trunci" and b:
             v = b[0]
+        elif n.op in ("arith.cmpi", "arith.cmpf"):  # printed with its operands' type; the result is an i1
+            v = 1
         else:
             v = cap
         n.bound = min(v, cap)

@@ -269,35 +269,47 @@ if triton is not None:
             tl.minimum(full_lo, L) if CAUSAL else n0
         )  # partial tiles start at n0, n0 + BLOCK_M, ... < diag_hi
         tail = (L > full_hi).to(tl.int32) * BLOCK_M  # then one at full_hi if the example ends inside a tile
-        for g in range(group):
-            h = kvh64 * group + g
-            Qb = Q + start * stride_qt + h * stride_qh
-            DOb = DO + start * stride_dt + h * stride_dh
-            LSEb = LSE + h * total + start
-            DELTAb = DELTA + h * total + start
-            if HAS_BLOCKS:
-                for j in range(0, n_partial):
-                    dk, dv = _bwd_kv_tile(
-                        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, tl.load(tiles + j), offs_n, bk, L,
-                        stride_qt, stride_dt, qk_scale, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
-                    )  # fmt: skip
-                for j in range(n_partial, n_partial + n_full):
-                    dk, dv = _bwd_kv_tile(
-                        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, tl.load(tiles + j), offs_n, bk, L,
-                        stride_qt, stride_dt, qk_scale, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
-                    )  # fmt: skip
-            else:
-                for m in range(n0, diag_hi + tail, BLOCK_M):
-                    m0 = tl.where(m < diag_hi, m, full_hi)
-                    dk, dv = _bwd_kv_tile(
-                        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, m0, offs_n, bk, L, stride_qt, stride_dt,
-                        qk_scale, True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
-                    )  # fmt: skip
-                for m0 in range(full_lo, full_hi, BLOCK_M):
-                    dk, dv = _bwd_kv_tile(
-                        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, m0, offs_n, bk, L, stride_qt, stride_dt,
-                        qk_scale, False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
-                    )  # fmt: skip
+        # one flat loop per tile kind over (query head of the group, query tile): no nested loop, so the software
+        # pipeline runs across the heads and the accumulators are live in one loop only
+        Qh = Q + start * stride_qt
+        DOh = DO + start * stride_dt
+        LSEh = LSE + start
+        DELTAh = DELTA + start
+        h0 = kvh64 * group
+        if HAS_BLOCKS:
+            for t in range(0, group * n_partial):
+                h = h0 + t // n_partial
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    tl.load(tiles + t % n_partial), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                )  # fmt: skip
+            for t in range(0, group * n_full):
+                h = h0 + t // n_full
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    tl.load(tiles + n_partial + t % n_full), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                )  # fmt: skip
+        else:
+            span = diag_hi + tail - n0  # partial tiles n0, n0 + BLOCK_M, ... (then full_hi) of one head
+            span += (BLOCK_M - span % BLOCK_M) % BLOCK_M
+            for t in range(0, group * span, BLOCK_M):
+                h = h0 + t // span
+                m = n0 + t % span
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    tl.where(m < diag_hi, m, full_hi), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                )  # fmt: skip
+            span = full_hi - full_lo
+            for t in range(0, group * span, BLOCK_M):
+                h = h0 + t // span
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    full_lo + t % span, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                )  # fmt: skip
         dk = dk * sm_scale
         kmask = nmask[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(

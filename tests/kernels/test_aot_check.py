@@ -86,6 +86,16 @@ def test_tile_start_idiom_and_small_grid_axes():
     assert [line.split(":")[1] for line in check(body)] == ["7"]
 
 
+def test_comparison_result_is_a_bit():
+    """``(L > x).to(int32) * 64``: a comparison is 0 or 1 (its printed type is the operands' i32)."""
+    body = """    %cmp = arith.cmpi sgt, %L, %stride : i32 loc(#loc)
+    %one = arith.extui %cmp : i1 to i32 loc(#loc)
+    %o = arith.muli %one, %c64_i32 : i32 loc(#loc3)
+    %a = tt.addptr %X, %o : !tt.ptr<f16>, i32 loc(#loc3)
+"""
+    assert check(body) == []
+
+
 def _spec(**kw):
     sig = {"X": "*fp16", "n": "i32", "m": "i32", "group": "i32", "BLOCK": "constexpr"}
     return AotSpec("k", None, sig, {"BLOCK": 64}, **kw)
