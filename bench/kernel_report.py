@@ -1,9 +1,11 @@
 """Kernel report: every Triton kernel configuration compiled ahead of time for sm_80 and sm_90 (no GPU needed).
 
-Collects ``aot_specs()`` from each ``ragkern.kernels`` module that defines it, prints registers, spilled stack,
-shared memory and HGMMA count per (config, arch), and writes ``bench/results/kernel_report.json``::
+Collects ``aot_specs()`` from each ``ragkern.kernels`` module that defines it (specialised as the JIT specialises
+its integer arguments), prints registers, spilled stack, shared memory, HGMMA count and shapes, pipelined async
+copies and wrapping 32-bit offsets per (config, arch), and writes ``bench/results/kernel_report.json``::
 
-    {"meta": {...}, "records": [{kernel, config, arch, registers, stack_bytes, shared_bytes, hgmma}, ...]}
+    {"meta": {...}, "records": [{kernel, config, arch, registers, stack_bytes, shared_bytes, hgmma, hgmma_shapes,
+                                 async_copies, int32_offsets}, ...]}
 
     python bench/kernel_report.py [--jobs N]
 """
@@ -19,9 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 
+def _cell(r: dict, c: str) -> str:
+    if c == "hgmma_shapes":
+        return " ".join(f"{s}:{n}" for s, n in r.get(c, {}).items())
+    if c == "int32_offsets":
+        return str(len(r.get(c, [])))
+    return str(r.get(c, "ERROR" if c == "registers" else ""))
+
+
 def table(records: list[dict]) -> str:
-    cols = ("kernel", "config", "arch", "registers", "stack_bytes", "shared_bytes", "hgmma")
-    rows = [cols] + [tuple(str(r.get(c, "ERROR" if c == "registers" else "")) for c in cols) for r in records]
+    cols = ("kernel", "config", "arch", "registers", "stack_bytes", "shared_bytes", "hgmma", "hgmma_shapes")
+    cols += ("async_copies", "int32_offsets")
+    rows = [cols] + [tuple(_cell(r, c) for c in cols) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -22,6 +22,7 @@ is computed from its own tokens only (bit-for-bit independent of its neighbours)
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -45,19 +46,22 @@ _LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
-    def _block_summary(BLK, rows, rmask):
-        """Block ids of some rows: (ids, any id 0, min id, max id) over the rows inside the example."""
-        b = tl.load(BLK + rows, mask=rmask, other=0)
-        has_global = tl.max(tl.where(rmask & (b == 0), 1, 0), axis=0) > 0
-        bmin = tl.min(tl.where(rmask, b, 2147483647), axis=0)
-        bmax = tl.max(tl.where(rmask, b, -2147483647), axis=0)
-        return b, has_global, bmin, bmax
+    def _load_rows(ptrs, rows_ok, ROWS_MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A (rows, BLOCK_D) tile; masked only where rows may leave the example or head_dim is padded."""
+        if ROWS_MASKED:
+            offs_d = tl.arange(0, BLOCK_D)
+            return tl.load(ptrs, mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            offs_d = tl.arange(0, BLOCK_D)
+            return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            return tl.load(ptrs)
 
     @triton.jit
-    def _visible(bq, bk, offs_m, offs_n, L, CAUSAL_MASK: tl.constexpr, HAS_BLOCKS: tl.constexpr):
-        """(BLOCK_M, BLOCK_N) mask: key offs_n inside the example, not after the query, same passage."""
-        ok = (offs_n < L)[None, :]
-        if CAUSAL_MASK:
+    def _visible(bq, bk, offs_m, offs_n, L, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr):
+        """(BLOCK_M, BLOCK_N) element mask of a partial tile: both inside the example, causal, same passage."""
+        ok = (offs_m < L)[:, None] & (offs_n < L)[None, :]
+        if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None])
         if HAS_BLOCKS:
             ok = ok & ((bq[:, None] == 0) | (bq[:, None] == bk[None, :]))
@@ -65,54 +69,42 @@ if triton is not None:
 
     @triton.jit
     def _fwd_tile(
-        acc, l_i, m_i, q, Kb, Vb, offs_m, offs_n, bq, bk, L, stride_kt, stride_vt, qk_scale,
-        CAUSAL_MASK: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        acc, l_i, m_i, q, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
+        """One key tile of the online softmax. A full tile (MASKED=False) is wholly visible: no mask at all."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        kvmask = (offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(Kb + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kvmask, other=0.0)
+        rows = offs_n.to(tl.int64)[:, None]  # 64-bit: token index x stride passes 2^31 on long examples
+        nmask = offs_n < L
+        k = _load_rows(Kb + rows * stride_kt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        s = tl.where(_visible(bq, bk, offs_m, offs_n, L, CAUSAL_MASK, HAS_BLOCKS), s, float("-inf"))
+        if MASKED:
+            bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
+            s = tl.where(_visible(bq, bk, offs_m, offs_n, L, CAUSAL, HAS_BLOCKS), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i starts finite, so never -inf - -inf
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(Vb + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kvmask, other=0.0)
+        v = _load_rows(Vb + rows * stride_vt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         return acc, l_i, m_new
 
     @triton.jit
-    def _fwd_loop(
-        acc, l_i, m_i, q, Kb, Vb, BLKb, offs_m, bq, q_global, qmin, qmax, lo, hi, L, stride_kt, stride_vt, qk_scale,
-        CAUSAL_MASK: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    ):  # fmt: skip
-        for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            if HAS_BLOCKS:
-                bk, _, kmin, kmax = _block_summary(BLKb, offs_n, offs_n < L)
-                if q_global | ((kmin <= qmax) & (kmax >= qmin)):  # else the block mask empties this tile
-                    acc, l_i, m_i = _fwd_tile(
-                        acc, l_i, m_i, q, Kb, Vb, offs_m, offs_n, bq, bk, L, stride_kt, stride_vt, qk_scale,
-                        CAUSAL_MASK, HAS_BLOCKS, HEAD_DIM, BLOCK_D, DOT_PREC,
-                    )  # fmt: skip
-            else:
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, Kb, Vb, offs_m, offs_n, bq, offs_n, L, stride_kt, stride_vt, qk_scale,
-                    CAUSAL_MASK, HAS_BLOCKS, HEAD_DIM, BLOCK_D, DOT_PREC,
-                )  # fmt: skip
-        return acc, l_i, m_i
-
-    @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, Out, LSE, CU, BLK, qk_scale,
+        Q, K, V, Out, LSE, CU, BLK, CNT, IDX, qk_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        total, group,
+        total, group, tiles_q, tiles_k,
         CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
-        """One (query block, example, query head): O = softmax(Q K^T) V online; LSE in log2 units."""
+        """One (query block, example, query head): O = softmax(Q K^T) V online; LSE in log2 units.
+
+        Without blocks the key tiles before the diagonal are full and the diagonal tiles partial; with blocks
+        the key tiles come from the precomputed lists CNT/IDX (first tokens of the partial tiles, then of the
+        full ones), so no tile is skipped by a
+        data-dependent branch and the K/V loads stay software-pipelined."""
         seq = tl.program_id(1)
         h = tl.program_id(2)
         start = tl.load(CU + seq)
@@ -121,46 +113,60 @@ if triton is not None:
         if m0 >= L:
             return
         start = start.to(tl.int64)
-        kvh = h // group
+        h64 = h.to(tl.int64)
+        kvh = (h // group).to(tl.int64)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mmask = offs_m < L
-        qmask = mmask[:, None] & (offs_d < HEAD_DIM)[None, :]
         rows = start + offs_m
-        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+        q = _load_rows(
+            Q + rows[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D
+        )
         Kb = K + start * stride_kt + kvh * stride_kh
         Vb = V + start * stride_vt + kvh * stride_vh
         BLKb = BLK + start
-        if HAS_BLOCKS:
-            bq, q_global, qmin, qmax = _block_summary(BLKb, offs_m, mmask)
-        else:
-            bq, q_global, qmin, qmax = offs_m, True, 0, 0
+        bq = tl.load(BLKb + offs_m, mask=mmask, other=0) if HAS_BLOCKS else offs_m
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-        if CAUSAL:
-            # key blocks wholly below the diagonal need no causal mask; blocks after the query block are skipped
-            acc, l_i, m_i = _fwd_loop(
-                acc, l_i, m_i, q, Kb, Vb, BLKb, offs_m, bq, q_global, qmin, qmax, 0, m0, L,
-                stride_kt, stride_vt, qk_scale, False, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-            )  # fmt: skip
-            acc, l_i, m_i = _fwd_loop(
-                acc, l_i, m_i, q, Kb, Vb, BLKb, offs_m, bq, q_global, qmin, qmax, m0, tl.minimum(m0 + BLOCK_M, L), L,
-                stride_kt, stride_vt, qk_scale, True, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-            )  # fmt: skip
+        if HAS_BLOCKS:
+            row = seq.to(tl.int64) * tiles_q + tl.program_id(0)
+            n_partial = tl.load(CNT + 2 * row)
+            n_full = tl.load(CNT + 2 * row + 1)
+            tiles = IDX + row * tiles_k
+            for j in range(0, n_partial):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
+                    stride_kt, stride_vt, qk_scale, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                )  # fmt: skip
+            for j in range(n_partial, n_partial + n_full):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
+                    stride_kt, stride_vt, qk_scale, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                )  # fmt: skip
         else:
-            acc, l_i, m_i = _fwd_loop(
-                acc, l_i, m_i, q, Kb, Vb, BLKb, offs_m, bq, q_global, qmin, qmax, 0, L, L,
-                stride_kt, stride_vt, qk_scale, False, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-            )  # fmt: skip
+            # full key tiles: before the diagonal (causal; BLOCK_M % BLOCK_N == 0) or inside the example
+            full_hi = m0 if CAUSAL else L // BLOCK_N * BLOCK_N
+            part_hi = tl.minimum(m0 + BLOCK_M, L) if CAUSAL else L
+            for n0 in range(0, full_hi, BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+                    False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                )  # fmt: skip
+            for n0 in range(full_hi, part_hi, BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+                    True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                )  # fmt: skip
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows past the example end only
         o = acc / l_safe[:, None]
+        omask = mmask[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(
-            Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            Out + rows[:, None] * stride_ot + h64 * stride_oh + offs_d[None, :],
             o.to(Out.dtype.element_ty),
-            mask=qmask,
+            mask=omask,
         )
-        tl.store(LSE + h * total + rows, m_i + tl.math.log2(l_safe), mask=mmask)
+        tl.store(LSE + h64 * total + rows, m_i + tl.math.log2(l_safe), mask=mmask)
 
     @triton.jit
     def _attn_bwd_delta_kernel(
@@ -168,7 +174,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
         """DELTA[h, t] = sum_d O[t, h, d] * dO[t, h, d] in fp32."""
-        h = tl.program_id(1)
+        h = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -181,21 +187,28 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kv_tile(
-        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, offs_m, offs_n, bq, bk, L, stride_qt, stride_dt, qk_scale,
-        CAUSAL_MASK: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, m0, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
+        """One query tile's contribution to a key tile's dK, dV (transposed: keys along the MMA's M)."""
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
+        rows = offs_m.to(tl.int64)[:, None]
         mmask = offs_m < L
-        qmask = mmask[:, None] & (offs_d < HEAD_DIM)[None, :]
-        q = tl.load(Qb + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qmask, other=0.0)
-        do = tl.load(DOb + offs_m[:, None] * stride_dt + offs_d[None, :], mask=qmask, other=0.0)
-        lse = tl.load(LSEb + offs_m, mask=mmask, other=0.0)
-        delta = tl.load(DELTAb + offs_m, mask=mmask, other=0.0)
-        # transposed tiles (BLOCK_N, BLOCK_M): keys along the MMA's M dimension
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        okT = tl.trans(_visible(bq, bk, offs_m, offs_n, L, CAUSAL_MASK, HAS_BLOCKS)) & mmask[None, :]
-        pT = tl.where(okT, tl.math.exp2(sT - lse[None, :]), 0.0)
+        q = _load_rows(Qb + rows * stride_qt + offs_d[None, :], mmask, MASKED, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DOb + rows * stride_dt + offs_d[None, :], mmask, MASKED, HEAD_DIM, BLOCK_D)
+        if MASKED:
+            lse = tl.load(LSEb + offs_m, mask=mmask, other=0.0)
+            delta = tl.load(DELTAb + offs_m, mask=mmask, other=0.0)
+        else:
+            lse = tl.load(LSEb + offs_m)
+            delta = tl.load(DELTAb + offs_m)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            bq = tl.load(BLKb + offs_m, mask=mmask, other=-1) if HAS_BLOCKS else offs_m
+            pT = tl.where(tl.trans(_visible(bq, bk, offs_m, offs_n, L, CAUSAL, HAS_BLOCKS)), pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
@@ -203,38 +216,16 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _bwd_kv_loop(
-        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, offs_n, bk, k_global, kmin, kmax, lo, hi, L,
-        stride_qt, stride_dt, qk_scale,
-        CAUSAL_MASK: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
-    ):  # fmt: skip
-        for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            if HAS_BLOCKS:
-                bq, q_global, qmin, qmax = _block_summary(BLKb, offs_m, offs_m < L)
-                if q_global | ((kmin <= qmax) & (kmax >= qmin)):
-                    dk, dv = _bwd_kv_tile(
-                        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, offs_m, offs_n, bq, bk, L, stride_qt, stride_dt,
-                        qk_scale, CAUSAL_MASK, HAS_BLOCKS, HEAD_DIM, BLOCK_D, DOT_PREC,
-                    )  # fmt: skip
-            else:
-                dk, dv = _bwd_kv_tile(
-                    dk, dv, k, v, Qb, DOb, LSEb, DELTAb, offs_m, offs_n, offs_m, bk, L, stride_qt, stride_dt,
-                    qk_scale, CAUSAL_MASK, HAS_BLOCKS, HEAD_DIM, BLOCK_D, DOT_PREC,
-                )  # fmt: skip
-        return dk, dv
-
-    @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, CU, BLK, qk_scale, sm_scale,
+        Q, K, V, DO, DK, DV, LSE, DELTA, CU, BLK, CNT, IDX, qk_scale, sm_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-        total, group,
+        total, group, tiles_q, tiles_k,
         CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
-        """One (key block, example, kv head): dK, dV summed over the kv head's query heads (no atomics)."""
+        """One (key block, example, kv head): dK, dV summed over the kv head's query heads (no atomics).
+        With blocks the query tiles come from the key-major lists CNT/IDX (partial first)."""
         seq = tl.program_id(1)
         kvh = tl.program_id(2)
         start = tl.load(CU + seq)
@@ -246,104 +237,124 @@ if triton is not None:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         nmask = offs_n < L
-        kmask = nmask[:, None] & (offs_d < HEAD_DIM)[None, :]
         rows = start + offs_n
-        k = tl.load(K + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kmask, other=0.0)
+        kvh64 = kvh.to(tl.int64)
+        k = _load_rows(
+            K + rows[:, None] * stride_kt + kvh64 * stride_kh + offs_d[None, :],
+            nmask,
+            True,
+            HEAD_DIM,
+            BLOCK_D,
+        )
+        v = _load_rows(
+            V + rows[:, None] * stride_vt + kvh64 * stride_vh + offs_d[None, :],
+            nmask,
+            True,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         BLKb = BLK + start
-        if HAS_BLOCKS:
-            bk, k_global, kmin, kmax = _block_summary(BLKb, offs_n, nmask)
-        else:
-            bk, k_global, kmin, kmax = offs_n, True, 0, 0
+        bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        for g in range(group):
-            h = kvh * group + g
-            Qb = Q + start * stride_qt + h * stride_qh
-            DOb = DO + start * stride_dt + h * stride_dh
-            LSEb = LSE + h * total + start
-            DELTAb = DELTA + h * total + start
-            if CAUSAL:
-                # queries in the key block's rows need the causal mask; later queries see the whole block
-                dk, dv = _bwd_kv_loop(
-                    dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, offs_n, bk, k_global, kmin, kmax,
-                    n0, tl.minimum(n0 + BLOCK_N, L), L, stride_qt, stride_dt, qk_scale,
-                    True, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+        row = seq.to(tl.int64) * tiles_k + tl.program_id(0)
+        n_partial = tl.load(CNT + 2 * row) if HAS_BLOCKS else 0
+        n_full = tl.load(CNT + 2 * row + 1) if HAS_BLOCKS else 0
+        tiles = IDX + row * tiles_q
+        # without blocks: query tiles from n0 on; the first n_diag ones (causal diagonal) and the one crossing the
+        # example end are partial, those between are full. One loop per kind, with no data-dependent branch.
+        full_lo = n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M if CAUSAL else 0
+        full_hi = tl.maximum(full_lo, L - (L - full_lo) % BLOCK_M)
+        diag_hi = (
+            tl.minimum(full_lo, L) if CAUSAL else n0
+        )  # partial tiles start at n0, n0 + BLOCK_M, ... < diag_hi
+        tail = (L > full_hi).to(tl.int32) * BLOCK_M  # then one at full_hi if the example ends inside a tile
+        # one flat loop per tile kind over (query head of the group, query tile): no nested loop, so the software
+        # pipeline runs across the heads and the accumulators are live in one loop only
+        Qh = Q + start * stride_qt
+        DOh = DO + start * stride_dt
+        LSEh = LSE + start
+        DELTAh = DELTA + start
+        h0 = kvh64 * group
+        if HAS_BLOCKS:
+            for t in range(0, group * n_partial):
+                h = h0 + t // n_partial
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    tl.load(tiles + t % n_partial), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
                 )  # fmt: skip
-                dk, dv = _bwd_kv_loop(
-                    dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, offs_n, bk, k_global, kmin, kmax,
-                    n0 + BLOCK_N, L, L, stride_qt, stride_dt, qk_scale,
-                    False, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+            for t in range(0, group * n_full):
+                h = h0 + t // n_full
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    tl.load(tiles + n_partial + t % n_full), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
                 )  # fmt: skip
-            else:
-                dk, dv = _bwd_kv_loop(
-                    dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, offs_n, bk, k_global, kmin, kmax,
-                    0, L, L, stride_qt, stride_dt, qk_scale,
-                    False, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+        else:
+            span = diag_hi + tail - n0  # partial tiles n0, n0 + BLOCK_M, ... (then full_hi) of one head
+            span += (BLOCK_M - span % BLOCK_M) % BLOCK_M
+            for t in range(0, group * span, BLOCK_M):
+                h = h0 + t // span
+                m = n0 + t % span
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    tl.where(m < diag_hi, m, full_hi), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                )  # fmt: skip
+            span = full_hi - full_lo
+            for t in range(0, group * span, BLOCK_M):
+                h = h0 + t // span
+                dk, dv = _bwd_kv_tile(
+                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    full_lo + t % span, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
                 )  # fmt: skip
         dk = dk * sm_scale
+        kmask = nmask[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(
-            DK + rows[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :],
+            DK + rows[:, None] * stride_dkt + kvh64 * stride_dkh + offs_d[None, :],
             dk.to(DK.dtype.element_ty),
             mask=kmask,
         )
         tl.store(
-            DV + rows[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :],
+            DV + rows[:, None] * stride_dvt + kvh64 * stride_dvh + offs_d[None, :],
             dv.to(DV.dtype.element_ty),
             mask=kmask,
         )
 
     @triton.jit
     def _bwd_q_tile(
-        dq, q, do, lse, delta, Kb, Vb, offs_m, offs_n, bq, bk, L, stride_kt, stride_vt, qk_scale,
-        CAUSAL_MASK: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        dq, q, do, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        kvmask = (offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(Kb + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(Vb + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kvmask, other=0.0)
+        rows = offs_n.to(tl.int64)[:, None]
+        nmask = offs_n < L
+        k = _load_rows(Kb + rows * stride_kt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_rows(Vb + rows * stride_vt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        ok = _visible(bq, bk, offs_m, offs_n, L, CAUSAL_MASK, HAS_BLOCKS)
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
+            p = tl.where(_visible(bq, bk, offs_m, offs_n, L, CAUSAL, HAS_BLOCKS), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         return dq
 
     @triton.jit
-    def _bwd_q_loop(
-        dq, q, do, lse, delta, Kb, Vb, BLKb, offs_m, bq, q_global, qmin, qmax, lo, hi, L,
-        stride_kt, stride_vt, qk_scale,
-        CAUSAL_MASK: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    ):  # fmt: skip
-        for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            if HAS_BLOCKS:
-                bk, _, kmin, kmax = _block_summary(BLKb, offs_n, offs_n < L)
-                if q_global | ((kmin <= qmax) & (kmax >= qmin)):
-                    dq = _bwd_q_tile(
-                        dq, q, do, lse, delta, Kb, Vb, offs_m, offs_n, bq, bk, L, stride_kt, stride_vt, qk_scale,
-                        CAUSAL_MASK, HAS_BLOCKS, HEAD_DIM, BLOCK_D, DOT_PREC,
-                    )  # fmt: skip
-            else:
-                dq = _bwd_q_tile(
-                    dq, q, do, lse, delta, Kb, Vb, offs_m, offs_n, bq, offs_n, L, stride_kt, stride_vt, qk_scale,
-                    CAUSAL_MASK, HAS_BLOCKS, HEAD_DIM, BLOCK_D, DOT_PREC,
-                )  # fmt: skip
-        return dq
-
-    @triton.jit
     def _attn_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, CU, BLK, qk_scale, sm_scale,
+        Q, K, V, DO, DQ, LSE, DELTA, CU, BLK, CNT, IDX, qk_scale, sm_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
         stride_dqt, stride_dqh,
-        total, group,
+        total, group, tiles_q, tiles_k,
         CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
-        """One (query block, example, query head): dQ over the key blocks the forward visited."""
+        """One (query block, example, query head): dQ over the key tiles the forward visited."""
         seq = tl.program_id(1)
         h = tl.program_id(2)
         start = tl.load(CU + seq)
@@ -352,50 +363,65 @@ if triton is not None:
         if m0 >= L:
             return
         start = start.to(tl.int64)
-        kvh = h // group
+        h64 = h.to(tl.int64)
+        kvh = (h // group).to(tl.int64)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mmask = offs_m < L
-        qmask = mmask[:, None] & (offs_d < HEAD_DIM)[None, :]
         rows = start + offs_m
-        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dt + h * stride_dh + offs_d[None, :], mask=qmask, other=0.0)
-        lse = tl.load(LSE + h * total + rows, mask=mmask, other=0.0)
-        delta = tl.load(DELTA + h * total + rows, mask=mmask, other=0.0)
+        q = _load_rows(
+            Q + rows[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D
+        )
+        do = _load_rows(
+            DO + rows[:, None] * stride_dt + h64 * stride_dh + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D
+        )
+        lse = tl.load(LSE + h64 * total + rows, mask=mmask, other=0.0)
+        delta = tl.load(DELTA + h64 * total + rows, mask=mmask, other=0.0)
         Kb = K + start * stride_kt + kvh * stride_kh
         Vb = V + start * stride_vt + kvh * stride_vh
         BLKb = BLK + start
-        if HAS_BLOCKS:
-            bq, q_global, qmin, qmax = _block_summary(BLKb, offs_m, mmask)
-        else:
-            bq, q_global, qmin, qmax = offs_m, True, 0, 0
+        bq = tl.load(BLKb + offs_m, mask=mmask, other=0) if HAS_BLOCKS else offs_m
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        if CAUSAL:
-            dq = _bwd_q_loop(
-                dq, q, do, lse, delta, Kb, Vb, BLKb, offs_m, bq, q_global, qmin, qmax, 0, m0, L,
-                stride_kt, stride_vt, qk_scale, False, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-            )  # fmt: skip
-            dq = _bwd_q_loop(
-                dq, q, do, lse, delta, Kb, Vb, BLKb, offs_m, bq, q_global, qmin, qmax, m0, tl.minimum(m0 + BLOCK_M, L), L,
-                stride_kt, stride_vt, qk_scale, True, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-            )  # fmt: skip
+        if HAS_BLOCKS:
+            row = seq.to(tl.int64) * tiles_q + tl.program_id(0)
+            n_partial = tl.load(CNT + 2 * row)
+            n_full = tl.load(CNT + 2 * row + 1)
+            tiles = IDX + row * tiles_k
+            for j in range(0, n_partial):
+                dq = _bwd_q_tile(
+                    dq, q, do, lse, delta, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
+                    stride_kt, stride_vt, qk_scale, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                )  # fmt: skip
+            for j in range(n_partial, n_partial + n_full):
+                dq = _bwd_q_tile(
+                    dq, q, do, lse, delta, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
+                    stride_kt, stride_vt, qk_scale, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                )  # fmt: skip
         else:
-            dq = _bwd_q_loop(
-                dq, q, do, lse, delta, Kb, Vb, BLKb, offs_m, bq, q_global, qmin, qmax, 0, L, L,
-                stride_kt, stride_vt, qk_scale, False, HAS_BLOCKS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-            )  # fmt: skip
+            full_hi = m0 if CAUSAL else L // BLOCK_N * BLOCK_N
+            part_hi = tl.minimum(m0 + BLOCK_M, L) if CAUSAL else L
+            for n0 in range(0, full_hi, BLOCK_N):
+                dq = _bwd_q_tile(
+                    dq, q, do, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+                    False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                )  # fmt: skip
+            for n0 in range(full_hi, part_hi, BLOCK_N):
+                dq = _bwd_q_tile(
+                    dq, q, do, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+                    True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                )  # fmt: skip
         dq = dq * sm_scale
         tl.store(
-            DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+            DQ + rows[:, None] * stride_dqt + h64 * stride_dqh + offs_d[None, :],
             dq.to(DQ.dtype.element_ty),
-            mask=qmask,
+            mask=mmask[:, None] & (offs_d < HEAD_DIM)[None, :],
         )
 
 
 @dataclass(frozen=True)
 class _Config:
-    """Tile sizes of one kernel. BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV) so
-    the causal diagonal starts on a tile boundary."""
+    """Tile sizes of one kernel: BLOCK_M query rows by BLOCK_N key rows. BLOCK_M % BLOCK_N == 0 in the forward and
+    dQ, so the causal diagonal starts on a key-tile boundary."""
 
     block_m: int
     block_n: int
@@ -407,17 +433,32 @@ class _Config:
 _INTERPRET_CONFIG = _Config(16, 16, 4, 1)
 
 
-def _gpu_configs(head_dim: int, dtype: torch.dtype) -> dict[str, _Config]:
-    """Tiles for (forward, dkdv, dq) on sm_80/sm_90, chosen from the AOT kernel report (no spills, HGMMA)."""
-    if head_dim <= 64:
+def _gpu_configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict[str, _Config]:
+    """Tiles for (forward, dkdv, dq) on sm_``arch``, chosen from the AOT kernel report.
+
+    Hopper (sm_90+), fp16/bf16: every tl.dot has N >= 64 (HGMMA 64x64x16 or wider): the key tile of QK^T and the
+    query step of dK/dV's K Q^T are 64 wide, and with 8 warps (two warpgroups) the M side is 128, so no warpgroup
+    gets a narrower half (64 rows on 8 warps would split N). dK/dV keeps two (keys, D) fp32 accumulators per program
+    and spills at D >= 80 (FlashAttention-2's 128-key x 64-query tile; the remedy on Hopper is warp specialisation).
+    Ampere (mma.sync, no wgmma width to reach) keeps smaller tiles that stay free of forward spills. fp32 runs IEEE
+    (no tensor-core path): small tiles. The numbers are in bench/results/kernel_report.json.
+    """
+    if dtype == torch.float32 and head_dim <= 64:
+        fwd, dkdv, dq = _Config(32, 16, 8, 1), _Config(16, 32, 8, 1), _Config(32, 16, 8, 1)
+    elif dtype == torch.float32:  # 32 x 16 spills 8-16 B at D=128
+        fwd, dkdv, dq = _Config(16, 16, 4, 1), _Config(16, 16, 4, 1), _Config(16, 16, 4, 1)
+    elif arch >= 90 and head_dim <= 64:
+        fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(64, 64, 4, 2), _Config(64, 64, 4, 2)
+    elif arch >= 90 and head_dim <= 128:
+        fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 128, 8, 2), _Config(128, 64, 8, 2)
+    elif arch >= 90:  # the (128, 64) forward keeps 8 B of stack; 64 x 64 spills 72 B
+        fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 64, 4, 1), _Config(128, 64, 8, 2)
+    elif head_dim <= 64:
         fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(32, 64, 8, 2), _Config(64, 32, 4, 2)
-    elif head_dim <= 128:  # dK/dV with 16 queries per step: 32 spilled 16 B on sm_90 (176 B with block masks)
+    elif head_dim <= 128:
         fwd, dkdv, dq = _Config(64, 32, 4, 2), _Config(16, 64, 8, 2), _Config(64, 32, 4, 2)
-    else:  # dK/dV at 256 has no HGMMA: 64 keys per tile (wgmma's minimum M) spill heavily
+    else:
         fwd, dkdv, dq = _Config(64, 32, 8, 2), _Config(16, 32, 4, 1), _Config(64, 16, 8, 1)
-    if dtype == torch.float32:  # fp32: twice the bytes per tile, no HGMMA; 8 warps keep D=128 free of spills
-        half = lambda c: _Config(max(16, c.block_m // 2), max(16, c.block_n // 2), 8, 1)  # tl.dot needs >= 16
-        fwd, dkdv, dq = half(fwd), half(dkdv), half(dq)
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
 
 
@@ -436,7 +477,8 @@ def _triton_ready(device: torch.device) -> None:
 def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, _Config]:
     if device.type != "cuda":
         return {"fwd": _INTERPRET_CONFIG, "dkdv": _INTERPRET_CONFIG, "dq": _INTERPRET_CONFIG}
-    return _gpu_configs(head_dim, dtype)
+    major, minor = torch.cuda.get_device_capability(device)  # cached device properties: no sync
+    return _gpu_configs(head_dim, dtype, 10 * major + minor)
 
 
 def _delta_rows(head_dim: int) -> int:
@@ -458,17 +500,98 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# ------------------------------------------------------------------------------------ block-mask tile lists
+
+
+def _tile_stats(cu_seqlens: torch.Tensor, block_ids: torch.Tensor, tiles: int, size: int) -> torch.Tensor:
+    """(n, tiles, 3) int64 per tile of ``size`` tokens of each example: [any global token, min passage id,
+    max passage id] (passage ids > 0; an empty tile or one without passages has min > max). Device ops only."""
+    n = cu_seqlens.numel() - 1
+    total = block_ids.shape[0]
+    tok = torch.arange(total, device=block_ids.device, dtype=torch.int32)
+    ex = torch.searchsorted(cu_seqlens[1:], tok, right=True)  # example of each token
+    tile = (tok - cu_seqlens[ex]).long() // size
+    flat = ex * tiles + tile.clamp_(max=tiles - 1)
+    b = block_ids.long()
+    big = 2**31
+    stats = torch.stack([torch.zeros(n * tiles, dtype=torch.long, device=b.device)] * 3, 1)
+    stats[:, 1] = big
+    stats[:, 0].scatter_reduce_(0, flat, (b == 0).long(), "amax")
+    stats[:, 1].scatter_reduce_(0, flat, torch.where(b > 0, b, big), "amin")
+    stats[:, 2].scatter_reduce_(0, flat, torch.where(b > 0, b, 0), "amax")
+    return stats.view(n, tiles, 3)
+
+
+def _tile_lists(
+    cu_seqlens: torch.Tensor,
+    block_ids: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    bq: int,
+    bk: int,
+    key_major: bool,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """FlexAttention-style lists of the tiles a block-masked kernel visits, built on the device (no host sync).
+
+    Query tiles of ``bq`` tokens against key tiles of ``bk`` tokens, per example. A pair is *empty* (skipped) when
+    no query of the tile may see a key of the other (after the causal cut, or no global query and disjoint passage
+    ids: a conservative test), *full* when every query sees every key and the looped-over tile lies inside the
+    example (no mask at all), *partial* otherwise (element mask). For each query tile (key_major=False: forward
+    and dQ) or key tile (key_major=True: dK/dV), ``idx`` lists the first tokens of the partial tiles of the other
+    side, then those of the full ones, ascending; ``cnt`` holds (#partial, #full).
+
+    Returns (cnt (n, rows, 2) int32, idx (n, rows, cols) int32, tiles_q, tiles_k).
+    """
+    tq, tk = triton.cdiv(max(max_seqlen, 1), bq), triton.cdiv(max(max_seqlen, 1), bk)
+    sq = _tile_stats(cu_seqlens, block_ids, tq, bq)[:, :, None, :]  # (n, tq, 1, 3)
+    sk = _tile_stats(cu_seqlens, block_ids, tk, bk)[:, None, :, :]  # (n, 1, tk, 3)
+    dev = block_ids.device
+    L = (cu_seqlens[1:] - cu_seqlens[:-1]).long()[:, None, None]  # (n, 1, 1)
+    qs = (torch.arange(tq, device=dev) * bq)[None, :, None]  # first query of the tile
+    ks = (torch.arange(tk, device=dev) * bk)[None, None, :]
+    exists = (qs < L) & (ks < L)
+    if causal:
+        some = ks <= torch.minimum(qs + bq, L) - 1
+        every = ks + bk - 1 <= qs
+    else:
+        some = torch.ones_like(exists)
+        every = ks + bk <= L
+    inside = (ks + bk <= L) if not key_major else (qs + bq <= L)  # the looped-over tile needs no row mask
+    q_global, q_min, q_max = sq.unbind(-1)
+    k_global, k_min, k_max = sk.unbind(-1)
+    q_passages = q_min <= q_max
+    overlap = q_passages & (k_min <= k_max) & (k_min <= q_max) & (k_max >= q_min)
+    some_b = (q_global > 0) | overlap
+    every_b = ~q_passages | ((k_global == 0) & (k_min == k_max) & (q_min == q_max) & (q_min == k_min))
+    visit = exists & some & some_b
+    full = visit & every & every_b & inside
+    if key_major:
+        visit, full = visit.transpose(1, 2), full.transpose(1, 2)
+    cols = visit.shape[2]
+    j = torch.arange(cols, device=dev)
+    key = torch.where(full, cols + j, torch.where(visit, j, 2 * cols + j))  # partial, then full, then unused
+    first = (key.sort(dim=-1).values % cols) * (bq if key_major else bk)
+    cnt = torch.stack([(visit & ~full).sum(-1), full.sum(-1)], -1).to(torch.int32)
+    return cnt.contiguous(), first.to(torch.int32).contiguous(), tq, tk
+
+
 def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids):
     total, Hq, D = q.shape
     cfg = _configs(D, q.dtype, q.device)["fwd"]
     o = torch.empty_like(q)
     lse = torch.empty((Hq, total), dtype=torch.float32, device=q.device)  # log2 units
     n = cu_seqlens.numel() - 1
+    if block_ids is not None:
+        cnt, idx, tq, tk = _tile_lists(
+            cu_seqlens, block_ids, max_seqlen, causal, cfg.block_m, cfg.block_n, False
+        )
+    else:
+        cnt, idx, tq, tk = cu_seqlens, cu_seqlens, 0, 0
     grid = (triton.cdiv(max(max_seqlen, 1), cfg.block_m), n, Hq)
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, cu_seqlens, block_ids if block_ids is not None else cu_seqlens, scale * _LOG2E,
+        q, k, v, o, lse, cu_seqlens, block_ids if block_ids is not None else cu_seqlens, cnt, idx, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        total, Hq // k.shape[1],
+        total, Hq // k.shape[1], tq, tk,
         CAUSAL=causal, HAS_BLOCKS=block_ids is not None, HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -490,19 +613,27 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_T=rows,
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def lists(cfg, key_major):
+        if block_ids is None:
+            return cu_seqlens, cu_seqlens, 0, 0
+        return _tile_lists(cu_seqlens, block_ids, max_seqlen, causal, cfg.block_m, cfg.block_n, key_major)
+
     cfg = cfgs["dkdv"]
+    cnt, idx, tq, tk = lists(cfg, True)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_n), n, Hkv)](
-        q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk, scale * _LOG2E, scale,
+        q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total, Hq // Hkv,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total, Hq // Hkv, tq, tk,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )  # fmt: skip
     cfg = cfgs["dq"]
+    cnt, idx, tq, tk = lists(cfg, False)
     _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_m), n, Hq)](
-        q, k, v, do, dq, lse, delta, cu_seqlens, blk, scale * _LOG2E, scale,
+        q, k, v, do, dq, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), total, Hq // Hkv,
+        dq.stride(0), dq.stride(1), total, Hq // Hkv, tq, tk,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )  # fmt: skip
@@ -545,7 +676,10 @@ def _check_inputs(
     max_seqlen: int,
     block_ids: torch.Tensor | None,
     backend: str,
+    validate: bool,
 ) -> None:
+    """Shapes, dtypes and devices always (host metadata only); with ``validate`` also the values of cu_seqlens
+    and max_seqlen, which reads cu_seqlens back to the host (a device sync)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -570,6 +704,20 @@ def _check_inputs(
         raise ValueError(
             f"cu_seqlens must be a 1-D int32 tensor of n+1 offsets; got {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}"
         )
+    if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, numbers.Integral):
+        raise ValueError(
+            f"max_seqlen must be a Python int (e.g. the collator's max_length_q), not {type(max_seqlen).__name__}:"
+            " a tensor would be read back to the host on every call"
+        )
+    if block_ids is not None:
+        if block_ids.shape != (q.shape[0],) or block_ids.dtype != torch.int32:
+            raise ValueError(
+                f"block_ids must be int32 of shape ({q.shape[0]},); got {block_ids.dtype} {tuple(block_ids.shape)}"
+            )
+        if block_ids.device != q.device:
+            raise ValueError(f"block_ids is on {block_ids.device}, q on {q.device}")
+    if not validate:
+        return
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or cu[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens must start at 0 and end at total={q.shape[0]}; got {cu[0]}..{cu[-1]}")
@@ -578,13 +726,6 @@ def _check_inputs(
         raise ValueError("cu_seqlens must be non-decreasing")
     if max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest example ({max(lengths)})")
-    if block_ids is not None:
-        if block_ids.shape != (q.shape[0],) or block_ids.dtype != torch.int32:
-            raise ValueError(
-                f"block_ids must be int32 of shape ({q.shape[0]},); got {block_ids.dtype} {tuple(block_ids.shape)}"
-            )
-        if block_ids.device != q.device:
-            raise ValueError(f"block_ids is on {block_ids.device}, q on {q.device}")
 
 
 def block_mask(block_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -654,6 +795,7 @@ def varlen_attention(
     softmax_scale: float | None = None,
     block_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Packed attention over examples delimited by ``cu_seqlens``; differentiable.
 
@@ -661,17 +803,23 @@ def varlen_attention(
         q: ``(total, Hq, D)`` queries.
         k, v: ``(total, Hkv, D)`` keys and values, ``Hq % Hkv == 0``.
         cu_seqlens: ``(n + 1,)`` int32 offsets of the examples, starting at 0 and ending at ``total``.
-        max_seqlen: length of the longest example.
+        max_seqlen: length of the longest example, a Python int (it sizes the Triton grid).
         causal: mask keys after the query.
         softmax_scale: defaults to ``D ** -0.5``.
         block_ids: optional ``(total,)`` int32 passage ids (see the module docstring).
         backend: ``"torch"`` (the exact per-example reference), ``"triton"`` or ``"auto"``
             (Triton on CUDA, torch elsewhere).
+        validate: check the values of ``cu_seqlens`` (starts at 0, ends at ``total``, non-decreasing, no example
+            longer than ``max_seqlen``), which reads it back to the host: one device sync per call. With
+            ``validate=False`` only shapes, dtypes and devices are checked and the Triton path runs without any
+            host sync (safe inside CUDA graphs): the caller guarantees those values, e.g. by checking them once
+            per batch and then calling every layer with ``validate=False``. Wrong values are then undefined
+            behaviour (out-of-range reads), not an error.
 
     Returns:
         ``(total, Hq, D)`` in the dtype of ``q``.
     """
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_ids, backend)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_ids, backend, validate)
     if backend == "auto":
         backend = "triton" if q.is_cuda and triton is not None else "torch"
     if backend == "triton":
@@ -694,50 +842,97 @@ def varlen_attention(
 _AOT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+# What the JIT sees at a typical launch (Llama-3-8B's 32 query / 8 key-value heads, an odd packed length), so the
+# AOT report compiles the same specialisation: strides multiples of 16, ``total`` odd, ``group`` 4; the "mha"
+# variant has group=1 (a constant to the JIT) and a total divisible by 16.
+_AOT_HEADS, _AOT_TOTAL, _AOT_MAX_SEQLEN = (32, 8), 4099, 4001
+
+
+def _aot_values(kernel: str, D: int, cfg: _Config, blocks: bool, mha: bool) -> dict[str, int]:
+    hq, hkv = (_AOT_HEADS[0], _AOT_HEADS[0]) if mha else _AOT_HEADS
+    width = {"q": hq, "o": hq, "d": hq, "dq": hq, "k": hkv, "v": hkv, "dk": hkv, "dv": hkv}
+    names = {
+        "attn_fwd": "qkvo",
+        "attn_bwd_dkdv": ["q", "k", "v", "d", "dk", "dv"],
+        "attn_bwd_dq": ["q", "k", "v", "d", "dq"],
+    }
+    values = {}
+    for n in names[kernel]:
+        values[f"stride_{n}t"], values[f"stride_{n}h"] = width[n] * D, D
+    values["total"] = 4096 if mha else _AOT_TOTAL
+    values["group"] = hq // hkv
+    tq, tk = triton.cdiv(_AOT_MAX_SEQLEN, cfg.block_m), triton.cdiv(_AOT_MAX_SEQLEN, cfg.block_n)
+    values["tiles_q"], values["tiles_k"] = (tq, tk) if blocks else (0, 0)
+    return values
+
+
+def _aot_archs(D: int, dtype: torch.dtype) -> list[tuple[int, ...] | None]:
+    """One spec for every arch when their tiles agree, else one per arch."""
+    return [None] if _gpu_configs(D, dtype, 80) == _gpu_configs(D, dtype, 90) else [(80,), (90,)]
+
+
 def aot_specs() -> list[AotSpec]:
-    """The GPU path's kernels: every head_dim in bf16, fp16 and fp32 at 64 and 128 (causal), and the non-causal and
-    block-mask variants at 128 bf16. Tiles depend on BLOCK_D and dtype size only, so this covers every tile
-    configuration but fp32 at head_dim > 128; the other (dtype, mask) combinations reuse listed tiles (compiling
-    all of them would take many minutes)."""
+    """The GPU path's kernels as the JIT specialises them (see ``_aot_values``): every head_dim in bf16, fp16 and
+    fp32 at 64 and 128 (causal), non-causal at 128, block masks at 64 and 128 (causal) and 128 (non-causal), and
+    one MHA variant. Tiles depend on BLOCK_D and dtype size only, so this covers every tile configuration but fp32
+    at head_dim > 128; the other (dtype, mask) combinations reuse listed tiles (compiling all would take long)."""
     if triton is None:
         return []
     specs = []
-    variants = [(D, torch.bfloat16, True, False) for D in (64, 80, 96, 128, 256)]
-    variants += [(D, dt, True, False) for D in (64, 128) for dt in (torch.float16, torch.float32)]
-    variants += [(128, torch.bfloat16, False, False), (128, torch.bfloat16, True, True)]
-    for D, dtype, causal, blocks in variants:
-        ty, cfgs = _AOT_DTYPES[dtype], _gpu_configs(D, dtype)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    variants = [(D, bf16, True, False, False) for D in (64, 80, 96, 128, 256)]
+    variants += [(D, dt, True, False, False) for D in (64, 128) for dt in (fp16, fp32)]
+    variants += [
+        (128, bf16, False, False, False),
+        (64, bf16, True, True, False),
+        (128, bf16, True, True, False),
+    ]
+    variants += [(128, bf16, False, True, False), (128, bf16, True, False, True)]
+    for (D, dtype, causal, blocks, mha), archs in [(v, a) for v in variants for a in _aot_archs(v[0], v[1])]:
+        ty, cfgs = _AOT_DTYPES[dtype], _gpu_configs(D, dtype, archs[0] if archs else 90)
         ptr = "*" + ty
-        mode = ("causal" if causal else "full") + (" blocks" if blocks else "")
+        mode = ("causal" if causal else "full") + (" blocks" if blocks else "") + (" mha" if mha else "")
         consts = dict(CAUSAL=causal, HAS_BLOCKS=blocks, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D))
-        strides = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "th"}
-        for kernel, fn, ptrs, scalars, names, cfg in (
-            ("attn_fwd", _attn_fwd_kernel, ["Q", "K", "V", "Out"], ["qk_scale"], "qkvo", cfgs["fwd"]),
+        for kernel, fn, ptrs, scalars, cfg in (
+            ("attn_fwd", _attn_fwd_kernel, ["Q", "K", "V", "Out"], ["qk_scale"], cfgs["fwd"]),
             ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"], ["qk_scale", "sm_scale"],
-             ["q", "k", "v", "d", "dk", "dv"], cfgs["dkdv"]),
-            ("attn_bwd_dq", _attn_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], ["qk_scale", "sm_scale"],
-             ["q", "k", "v", "d", "dq"], cfgs["dq"]),
+             cfgs["dkdv"]),
+            ("attn_bwd_dq", _attn_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], ["qk_scale", "sm_scale"], cfgs["dq"]),
         ):  # fmt: skip
             sig = {p: ptr for p in ptrs}
             sig.update({"LSE": "*fp32"} if kernel == "attn_fwd" else {"LSE": "*fp32", "DELTA": "*fp32"})
-            sig.update({"CU": "*i32", "BLK": "*i32"})
+            sig.update({"CU": "*i32", "BLK": "*i32", "CNT": "*i32", "IDX": "*i32"})
             sig.update({s: "fp32" for s in scalars})
-            sig.update(strides(*names))
-            sig.update({"total": "i32", "group": "i32"})
+            values = _aot_values(kernel, D, cfg, blocks, mha)
+            sig.update({a: "i32" for a in values})
             sig = {a: sig[a] for a in fn.arg_names if a in sig}  # the kernel's argument order
             sig.update({c: "constexpr" for c in (*consts, "BLOCK_M", "BLOCK_N", "DOT_PREC")})
             cx = dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(dtype))
             config = f"D={D} {ty} {mode} M={cfg.block_m} N={cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-            aligned = tuple(a for a, t in sig.items() if t.startswith("*") or a.startswith("stride_"))
-            specs.append(AotSpec(kernel, fn, sig, cx, cfg.num_warps, cfg.num_stages, config, aligned))
-        if not causal or blocks:
+            specs.append(
+                AotSpec(
+                    kernel, fn, sig, cx, cfg.num_warps, cfg.num_stages, config, values=values, archs=archs
+                )
+            )
+        if not causal or blocks or mha or (archs and archs[0] != 90):
             continue
         sig = {"Out": ptr, "DO": ptr, "DELTA": "*fp32", "stride_ot": "i32", "stride_oh": "i32"}
         sig.update({"stride_dt": "i32", "stride_dh": "i32", "total": "i32"})
         sig.update({"HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_T": "constexpr"})
         rows = _delta_rows(D)
         cx = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_T=rows)
+        values = dict(stride_ot=_AOT_HEADS[0] * D, stride_oh=D, stride_dt=_AOT_HEADS[0] * D, stride_dh=D)
+        values["total"] = _AOT_TOTAL
         specs.append(
-            AotSpec("attn_bwd_delta", _attn_bwd_delta_kernel, sig, cx, 4, 1, f"D={D} {ty} T={rows} w4 s1")
+            AotSpec(
+                "attn_bwd_delta",
+                _attn_bwd_delta_kernel,
+                sig,
+                cx,
+                4,
+                1,
+                f"D={D} {ty} T={rows} w4 s1",
+                values=values,
+            )
         )
     return specs

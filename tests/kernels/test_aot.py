@@ -1,5 +1,7 @@
 """Every Triton kernel configuration (``aot_specs()`` of each ``ragkern.kernels`` module) compiles for sm_80 and
-sm_90 without a GPU; the attention kernels meet the report's acceptance (no forward spills, HGMMA on sm_90).
+sm_90 without a GPU; the attention and LoRA kernels meet the report's acceptance: no 32-bit offset that can wrap,
+software-pipelined loads in the block-mask attention kernels, wgmma N >= 64 in every fp16/bf16 attention kernel,
+no forward spills.
 
 Slow on a cold Triton cache (about two minutes on two cores); seconds once cached.
 """
@@ -24,10 +26,13 @@ def test_every_config_compiles(records):
     assert "ragkern.kernels.attention" in modules
     import importlib
 
-    n_specs = sum(len(importlib.import_module(m).aot_specs()) for m in modules)
-    assert len(records) == n_specs * len(_aot.ARCHS)
+    specs = [spec for m in modules for spec in importlib.import_module(m).aot_specs()]
+    assert len(records) == sum(len(spec.archs or _aot.ARCHS) for spec in specs)
     for r in records:
-        assert set(r) == {"kernel", "config", "arch", "registers", "stack_bytes", "shared_bytes", "hgmma"}
+        assert set(r) == {
+            "kernel", "config", "arch", "registers", "stack_bytes", "shared_bytes", "hgmma", "hgmma_shapes",
+            "async_copies", "int32_offsets",
+        }  # fmt: skip
         assert 0 < r["registers"] <= 255 and r["arch"] in ("sm_80", "sm_90")
 
 
@@ -39,7 +44,42 @@ def _attention(records, kernel, dim):
     ]
 
 
-@pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
+def test_no_int32_offset_can_wrap(records):
+    """No 32-bit multiply feeding a pointer can pass 2^31 (token index x stride, head x total ...)."""
+    ours = [r for r in records if r["kernel"].startswith(("attn_", "lora_"))]
+    assert ours
+    bad = [(r["kernel"], r["config"], r["arch"], r["int32_offsets"]) for r in ours if r["int32_offsets"]]
+    assert not bad, bad
+
+
+def test_block_mask_attention_is_pipelined(records):
+    """The K/V (forward, dQ) and Q/dO (dK/dV) loads of the block-mask kernels are async copies."""
+    blocks = [r for r in records if r["kernel"].startswith("attn_") and " blocks " in r["config"]]
+    assert {r["kernel"] for r in blocks} == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}
+    assert all(r["async_copies"] > 0 for r in blocks), [(r["kernel"], r["config"], r["arch"]) for r in blocks]
+
+
+def test_attention_wgmma_is_at_least_64_wide(records):
+    """Every fp16/bf16 attention kernel with a tl.dot runs wgmma on sm_90, none narrower than N=64."""
+    rs = [
+        r
+        for r in records
+        if r["kernel"] in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
+        and r["arch"] == "sm_90"
+        and " fp32 " not in r["config"]
+    ]
+    assert rs
+    narrow = [(r["kernel"], r["config"], r["hgmma_shapes"]) for r in rs if not r["hgmma_shapes"]]
+    narrow += [
+        (r["kernel"], r["config"], shape)
+        for r in rs
+        for shape in r["hgmma_shapes"]
+        if int(shape.split("x")[1]) < 64
+    ]
+    assert not narrow, narrow
+
+
+@pytest.mark.parametrize("dim", [64, 80, 96, 128], ids=lambda d: f"d{d}")
 def test_attention_forward_has_no_spills(records, dim):
     fwd = _attention(records, "attn_fwd", dim)
     assert fwd and all(r["stack_bytes"] == 0 for r in fwd), fwd

@@ -4,6 +4,8 @@ and against softmax attention written out in float64: output and dq, dk, dv.
 Tiles are 16 x 16 in the interpreter, so lengths 1, 5, 17, 37 ... cover partial, single and many tiles.
 """
 
+import os
+
 import pytest
 import torch
 from ragkern.kernels import attention as attn_mod
@@ -84,8 +86,9 @@ def run_triton(q, k, v, do, cu, max_len, causal, block_ids):
     return o, grads
 
 
-def check(lengths, Hq, Hkv, D, dtype, causal, blocks, seed=0):
-    q, k, v, do, cu, block_ids = make_inputs(lengths, Hq, Hkv, D, dtype, blocks=blocks, seed=seed)
+def check(lengths, Hq, Hkv, D, dtype, causal, blocks, seed=0, block_ids=None):
+    q, k, v, do, cu, made = make_inputs(lengths, Hq, Hkv, D, dtype, blocks=blocks, seed=seed)
+    block_ids = made if block_ids is None else block_ids
     o, grads = run_triton(q, k, v, do, cu, max(lengths), causal, block_ids)
     for t in (o, *grads):
         assert torch.isfinite(t).all(), "NaN/inf: an element was not written or the softmax broke"
@@ -118,6 +121,66 @@ def test_matches_reference(shape, blocks, causal, dtype):
     check(SHAPES[shape], 2, 1, 16, dtype, causal, blocks, seed=len(shape) * 4 + 2 * blocks + causal)
 
 
+def runs(*parts):
+    """Block ids from (id, length) runs: runs((0, 3), (1, 5)) -> [0, 0, 0, 1, 1, 1, 1, 1]."""
+    return [b for b, n in parts for _ in range(n)]
+
+
+# Interpreter tiles are 16 x 16: these layouts put passage edges inside, on and across tile boundaries.
+BLOCK_LAYOUTS = {
+    "short-passages": runs((0, 3), (1, 5), (2, 4), (0, 2), (3, 3), (0, 20)),  # passages shorter than a tile
+    "spanning": runs((0, 5), (1, 40), (0, 6)),  # one passage across three tiles
+    "adjacent": runs((0, 2), (1, 14), (2, 17), (3, 1), (0, 9)),  # passages back to back, no global between
+    "markers": runs(*[(b, n) for i in range(1, 7) for b, n in ((0, 1), (i, 6))], (0, 12)),  # block 0 between
+    "no-passages": runs((0, 29)),
+    "passage-at-ends": runs((4, 13), (0, 4), (5, 22)),  # starts and ends inside a passage
+    "tile-aligned": runs((1, 16), (2, 16), (0, 16)),
+    "id-reused": runs((1, 5), (0, 3), (1, 6), (2, 9), (0, 4)),  # the same id in two spans (not contiguous)
+}
+
+
+@pytest.mark.parametrize(
+    "causal, dtype",
+    [(True, torch.float32), (False, torch.float32), (True, torch.float16)],
+    ids=["causal", "full", "fp16"],
+)
+@pytest.mark.parametrize("layout", list(BLOCK_LAYOUTS))
+def test_block_layouts(layout, causal, dtype):
+    """Full / partial key-tile lists: every edge case of passage layout against the float64 softmax, with a
+    second, different example packed next to it (the lists are per example)."""
+    one = BLOCK_LAYOUTS[layout]
+    other = BLOCK_LAYOUTS["markers" if layout != "markers" else "spanning"]
+    block_ids = torch.tensor(one + other, dtype=torch.int32)
+    check([len(one), len(other)], 4, 2, 16, dtype, causal, False, seed=len(one), block_ids=block_ids)
+
+
+def test_tile_lists_split_full_and_partial():
+    """The lists of one example: a passage-only query tile visits only its passage's key tiles, and only the
+    tiles on its passage edge or the diagonal are partial."""
+    ids = torch.tensor(runs((0, 16), (1, 32), (2, 32), (0, 16)), dtype=torch.int32)  # 96 tokens, 6 tiles
+    cu = cu_of([96])
+    cnt, idx, tq, tk = attn_mod._tile_lists(cu, ids, 96, True, 16, 16, False)
+    assert (tq, tk) == (6, 6)
+    lists = [
+        (idx[0, i, : cnt[0, i, 0]].tolist(), idx[0, i, cnt[0, i, 0] : cnt[0, i].sum()].tolist())
+        for i in range(6)
+    ]
+    assert lists[0] == ([0], [])  # global prefix: the diagonal only
+    assert lists[1] == ([16], [])  # passage 1's first tile: its own diagonal, not the prefix
+    assert lists[2] == ([32], [16])  # passage 1's second tile: full first tile, partial diagonal
+    assert lists[3] == ([48], [])  # passage 2
+    assert lists[5] == (
+        [80],
+        [0, 16, 32, 48, 64],
+    )  # the global suffix sees everything; only its diagonal is partial
+    dcnt, didx, _, _ = attn_mod._tile_lists(cu, ids, 96, True, 16, 16, True)  # key-major (dK/dV)
+    assert didx[0, 1, : dcnt[0, 1].sum()].tolist() == [
+        16,
+        32,
+        80,
+    ]  # passage 1's keys: its queries and the suffix
+
+
 @pytest.mark.parametrize("ratio", [1, 2, 4, 8], ids=lambda r: f"gqa{r}")
 def test_gqa(ratio):
     check([19, 3, 26], 8, 8 // ratio, 16, torch.float32, True, True, seed=ratio)
@@ -147,6 +210,73 @@ def test_empty_example_and_noncontiguous():
     o = varlen_attention(q, k, v, cu_of(lengths), 20, backend="triton")
     want = naive(q, k, v, [9, 20], True, None, D**-0.5)
     assert rel(o, want) < 1e-4
+
+
+_HUGE_STRIDE_SCRIPT = r"""
+import torch
+from ragkern.kernels import varlen_attention
+from ragkern.kernels.attention import varlen_attention_reference
+
+# k and v rows 2^26 elements apart in one fp16 storage of 2^31 + 2^27 elements (4.3 GB of address space, left
+# untouched: only the 34 rows used are written), so token 32 of the example sits past 2^31 elements.
+L, H, D, stride = 34, 1, 16, 2**26
+storage = torch.empty(2**31 + 2**27, dtype=torch.float16)
+k = storage.as_strided((L, H, D), (stride, D, 1))
+v = storage.as_strided((L, H, D), (stride, D, 1), storage_offset=2 * H * D)
+g = torch.Generator().manual_seed(0)
+for x in (k, v):
+    x.copy_(torch.randn(L, H, D, generator=g).half())
+q = torch.randn(L, H, D, generator=g).half()
+do = torch.randn(L, H, D, generator=g).half()
+cu = torch.tensor([0, L], dtype=torch.int32)
+leaves = [x.requires_grad_() for x in (q, k, v)]
+o = varlen_attention(*leaves, cu, L, backend="triton")
+grads = torch.autograd.grad(o, leaves, do)
+dense = [x.detach().clone().float().requires_grad_() for x in (q, k, v)]
+want = varlen_attention_reference(*dense, cu)
+want_grads = torch.autograd.grad(want, dense, do.float())
+errs = [((a.float() - b).norm() / b.norm()).item() for a, b in zip((o, *grads), (want, *want_grads))]
+print("ERRS", errs)
+"""
+
+
+def test_offsets_past_2_31_on_a_strided_view():
+    """K/V rows 2^26 elements apart: the tile loops' token x stride passes 2^31 (int32 would wrap to a negative
+    offset). Runs in a subprocess because a wrapped offset reads unmapped memory and would crash pytest."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _HUGE_STRIDE_SCRIPT], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    errs = eval(proc.stdout.split("ERRS", 1)[1])
+    assert max(errs) < 1e-2, errs
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["noblocks", "blocks"])
+def test_no_host_sync_without_validation(host_syncs, blocks):
+    """validate=False: forward and backward read no tensor value back to the host (graph-safe, no per-layer sync);
+    the default validation reads cu_seqlens once. The result is the same."""
+    q, k, v, do, cu, block_ids = make_inputs([13, 22, 18], 4, 2, 16, torch.float32, blocks=blocks, seed=5)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = varlen_attention(*leaves, cu, 22, block_ids=block_ids, backend="triton", validate=False)
+    grads = torch.autograd.grad(o, leaves, do)
+    assert host_syncs == []
+    o2, grads2 = run_triton(q, k, v, do, cu, 22, True, block_ids)
+    assert [s.split(" in ")[0] for s in host_syncs] == ["Tensor.tolist"]
+    assert torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+def test_validate_false_still_checks_shapes():
+    a = good()
+    with pytest.raises(ValueError, match="int32"):
+        varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"].long(), 6, backend="triton", validate=False)
+    with pytest.raises(ValueError, match="max_seqlen must be a Python int"):
+        varlen_attention(
+            a["q"], a["k"], a["v"], a["cu_seqlens"], torch.tensor(6), backend="triton", validate=False
+        )
 
 
 def test_no_leak():

@@ -1,0 +1,45 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_KERNELS = str(Path(__file__).resolve().parents[2] / "kernels")
+# Tensor methods that read a value back to the host: on CUDA each one waits for the device (a sync).
+_SYNCING = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero")
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """A CUDA-free sync counter: every host read-back of a tensor value (``.item()``, ``.tolist()``, ``bool(t)``,
+    ``int(t)``, ``torch.equal`` ...) made by code in ``kernels/`` is recorded as "function:line". Calls made by the
+    Triton interpreter itself are not counted (on a GPU the launch reads no tensor values)."""
+    calls: list[str] = []
+    triton_dir = str(Path(sys.modules["triton"].__file__).parent) if "triton" in sys.modules else None
+
+    def caller() -> str | None:
+        f = sys._getframe(2)
+        ours = None
+        while f is not None:
+            name = f.f_code.co_filename
+            if triton_dir and name.startswith(triton_dir):
+                return None
+            if ours is None and name.startswith(_KERNELS):
+                ours = f"{f.f_code.co_name}:{f.f_lineno}"
+            f = f.f_back
+        return ours
+
+    def spy(name, original):
+        def wrapped(*args, **kwargs):
+            where = caller()
+            if where is not None:
+                calls.append(f"{name} in {where}")
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    for name in _SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, spy(f"Tensor.{name}", getattr(torch.Tensor, name)))
+    for name in ("equal", "nonzero", "unique"):
+        monkeypatch.setattr(torch, name, spy(f"torch.{name}", getattr(torch, name)))
+    return calls
