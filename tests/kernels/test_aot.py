@@ -46,7 +46,8 @@ def _attention(records, kernel, dim):
 
 def test_no_int32_offset_can_wrap(records):
     """No 32-bit multiply feeding a pointer can pass 2^31 (token index x stride, head x total ...)."""
-    ours = [r for r in records if r["kernel"].startswith(("attn_", "lora_"))]
+    ours = [r for r in records if r["kernel"].startswith(("attn_", "lora_", "flce_"))]
+    assert {r["kernel"][:4] for r in ours} == {"attn", "lora", "flce"}
     assert ours
     bad = [(r["kernel"], r["config"], r["arch"], r["int32_offsets"]) for r in ours if r["int32_offsets"]]
     assert not bad, bad
