@@ -19,9 +19,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _selftest(args: argparse.Namespace) -> int:
-    from .selftest import run_selftest
+    from .selftest import ModelPathError, run_selftest, run_selftest_model
 
-    results = run_selftest(args.config)
+    if args.model is not None:
+        try:
+            results = run_selftest_model(args.model)
+        except ModelPathError as e:
+            print(f"ragkern selftest: error: {e}", file=sys.stderr)
+            return 2
+    else:
+        results = run_selftest(args.config)
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}")
     return 0 if all(r.passed for r in results) else 1
@@ -173,12 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Builds a small randomly initialised model from a config.json (or an architecture name such as "
             "llama, qwen3, mistral, gemma) with the 'ragkern' attention and checks, in fp32 on CPU, that a packed "
             "row gives the same losses and gradients as its examples one by one, and that no example sees "
-            "another. Exit status 1 if a check fails."
+            "another. With --model, checks the same on a checkpoint's real weights. Exit status 1 if a check "
+            "fails."
         ),
     )
-    selftest.add_argument(
-        "--config", required=True, help="path to config.json (or its folder), or a model type"
-    )
+    which = selftest.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="path to config.json (or its folder), or a model type")
+    which.add_argument("--model", help="a checkpoint folder (save_pretrained): check its real weights")
     selftest.set_defaults(func=_selftest)
 
     ev = sub.add_parser(
