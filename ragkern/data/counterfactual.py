@@ -10,9 +10,10 @@ instrument, a favourite colour), every value drawn fresh for the record::
     [2] Brannic Vosswell ... was born in Cairo ...                          (a distractor: same kinds of facts)
     Question: In which city was Orvela Tamsick born?  -> "Lisbon"            (oracle = [0])
 
-So the answer is in the oracle passage and nowhere else: a model can neither know it beforehand nor memorise
-it, only read it; the distractors hold values of the right kind for other people, and the oracle holds a
-second city, so reading means matching the name and the fact asked. With the oracle removed (the control),
+So the fact asked is stated in the oracle passage and nowhere else: a model can neither know it beforehand
+nor memorise it, only read it. The distractors state values of the same kinds for other people (one of them
+may equal the answer by chance), and the oracle may hold a second city, so reading means matching the name and
+the fact asked. With the oracle removed (the control),
 the best a model can do is guess a value of the right kind: :func:`chance` is the expected exact match of a
 uniform guess.
 
