@@ -20,6 +20,8 @@ Padded batches and decoding with a KV cache (query shorter than keys) run SDPA w
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -34,6 +36,56 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
 
 NAME = "ragkern"
+
+
+# Packed rows whose boundaries were checked: id(cu_seq_lens_q) -> (ref to it, its version, ref to
+# cu_seq_lens_k, longest example). Every layer of a forward gets the same tensors, so only the first pays the
+# device-to-host copy; RagTrainer checks its batches on the host before moving them (no copy at all).
+_checked: dict[int, tuple[weakref.ref, int, weakref.ref | None, int]] = {}
+
+
+def check_packed_row(
+    cu_q: torch.Tensor, cu_k: torch.Tensor | None, total: int, max_length: int | None = None
+) -> int:
+    """Check one packed row's boundaries and return its longest example; remember the tensors as checked.
+
+    ``cu_q`` (and ``cu_k``, which must equal it) are the ``(n + 1,)`` example offsets of a row of ``total``
+    tokens; ``max_length`` (the collator's ``max_length_q``) must be at least the longest example. One
+    device-to-host copy when the offsets live on a GPU, none on the CPU.
+    """
+    bounds = cu_q.tolist()
+    if cu_k is not None and cu_k is not cu_q and cu_k.tolist() != bounds:
+        raise NotImplementedError("the 'ragkern' attention needs cu_seq_lens_k == cu_seq_lens_q")
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(
+            f"cu_seq_lens_q must run from 0 to the row's {total} tokens; got {bounds[:3]}...{bounds[-2:]}"
+        )
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if min(lengths) < 0:
+        raise ValueError("cu_seq_lens_q must be non-decreasing")
+    longest = max(lengths)
+    if max_length is not None and int(max_length) < longest:
+        raise ValueError(f"max_length_q={int(max_length)} is smaller than the longest example ({longest})")
+    mark_checked(cu_q, cu_k, longest)
+    return longest
+
+
+def mark_checked(cu_q: torch.Tensor, cu_k: torch.Tensor | None, longest: int) -> None:
+    """Record ``cu_q``/``cu_k`` (e.g. after moving checked host tensors to the GPU) as checked, with the row's
+    longest example, so the attention layers skip :func:`check_packed_row`."""
+    if len(_checked) > 64:
+        _checked.clear()
+    k_ref = None if cu_k is None or cu_k is cu_q else weakref.ref(cu_k)
+    _checked[id(cu_q)] = (weakref.ref(cu_q), cu_q._version, k_ref, longest)
+
+
+def _checked_longest(cu_q: torch.Tensor, cu_k: torch.Tensor | None) -> int | None:
+    entry = _checked.get(id(cu_q))
+    if entry is None or entry[0]() is not cu_q or entry[1] != cu_q._version:
+        return None
+    if cu_k is not None and cu_k is not cu_q and (entry[2] is None or entry[2]() is not cu_k):
+        return None
+    return entry[3]
 
 
 def _unsupported(module: torch.nn.Module, longest: int, dropout: float, kwargs: dict) -> None:
@@ -70,6 +122,9 @@ def _packed_attention(
     block_ids: torch.Tensor | None,
 ) -> torch.Tensor:
     """q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``."""
+    if not q.is_cuda and torch.compiler.is_compiling():
+        # the exact CPU path reads the offsets on the host; a compiled graph cannot: mask the row instead
+        return _row_masked_sdpa(q, k, v, cu_seqlens, causal=causal, scale=scale, block_ids=block_ids)
     if q.is_cuda and flash_attn_varlen_func is not None and block_ids is None and q.dtype != torch.float32:
         return flash_attn_varlen_func(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal
@@ -85,6 +140,39 @@ def _packed_attention(
         block_ids=block_ids,
         backend="auto",
     )
+
+
+def _row_masked_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+    block_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """The packed row as one SDPA call with a ``(T, T)`` mask built on the device (no host read, so it
+    traces under ``torch.compile(fullgraph=True)``): q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``.
+    Same result as the per-example path; memory grows with T^2, which is why it is only the compiled CPU path.
+    """
+    T = q.shape[0]
+    pos = torch.arange(T, device=q.device)
+    example = torch.searchsorted(cu_seqlens.to(torch.int64), pos, right=True)  # (T,) example of each token
+    allowed = example[:, None] == example[None, :]
+    if causal:
+        allowed &= pos[:, None] >= pos[None, :]
+    if block_ids is not None:
+        allowed &= (block_ids[:, None] == block_ids[None, :]) | (block_ids[:, None] == 0)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=allowed,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # (1, Hq, T, D)
+    return out[0].transpose(0, 1)
 
 
 def _masked_sdpa(
@@ -115,6 +203,21 @@ def _masked_sdpa(
     return out.transpose(1, 2)
 
 
+def _compute_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype under autocast, else the value's when q, k, v differ.
+
+    Under autocast the projections are half precision but RoPE returns q and k in fp32 (its cos/sin are
+    fp32), so q, k, v reach attention in mixed dtypes; transformers' flash-attention integration casts them to
+    the autocast dtype, as this does.
+    """
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if query.dtype == key.dtype == value.dtype:
+        return query.dtype
+    return value.dtype
+
+
 def ragkern_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -128,23 +231,28 @@ def ragkern_attention_forward(
     """``AttentionInterface`` entry point: q ``(B, Hq, Q, D)``, k/v ``(B, Hkv, K, D)`` -> ``(B, Q, Hq, D)``."""
     B, Hq, Q, D = query.shape
     K = key.shape[2]
+    dtype = _compute_dtype(query, key, value)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     cu = kwargs.get("cu_seq_lens_q")
     block_ids = kwargs.get("block_ids")
 
     if cu is not None:
-        cu_k = kwargs.get("cu_seq_lens_k")
-        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
-            raise NotImplementedError("the 'ragkern' attention needs cu_seq_lens_k == cu_seq_lens_q")
         if B != 1 or Q != K:
             raise ValueError(
                 f"cu_seq_lens_q describes one packed row; got batch {B}, {Q} queries and {K} keys "
                 "(packed rows have batch size 1 and no KV cache)"
             )
+        cu_k, max_len = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q")
+        if torch.compiler.is_compiling():  # no host read in a graph: check rows before (RagTrainer does)
+            max_len = Q if max_len is None else int(max_len)
+        else:
+            longest = _checked_longest(cu, cu_k)
+            if longest is None:  # the first layer of a forward on unchecked offsets: one host copy
+                longest = check_packed_row(cu, cu_k, Q, max_len)
+            max_len = longest if max_len is None else int(max_len)
         cu = cu.to(device=query.device, dtype=torch.int32)
-        max_len = kwargs.get("max_length_q")
-        max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
     elif attention_mask is None and Q == K and kwargs.get("position_ids") is not None:
         # Fallback: infer boundaries per row from position_ids restarting at 0; rows are flattened.
         pos = kwargs["position_ids"].expand(B, -1)
@@ -180,3 +288,6 @@ def register() -> None:
     """Register "ragkern" with transformers' attention and mask interfaces (done by ``import ragkern``)."""
     AttentionInterface.register(NAME, ragkern_attention_forward)
     AttentionMaskInterface.register(NAME, ragkern_mask)
+
+
+register()  # importing this module (which ``import ragkern`` arranges) makes "ragkern" available

@@ -1,11 +1,45 @@
-"""The ``ragkern`` command."""
+"""The ``ragkern`` command.
+
+Every command reports an ordinary mistake (a missing file, a bad option, a record of the wrong kind) as one
+line, ``ragkern <command>: error: <what is wrong and what to do>``, with exit status 2; ``--debug`` shows the
+traceback instead. Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
+import os
 import sys
+
+
+class CliError(Exception):
+    """An ordinary mistake on the command line; the message says what is wrong and what to do."""
+
+
+def _model_dir(path: str, what: str = "--model") -> str:
+    """``path`` when it is a local folder or plausibly a hub id; a CliError for a local path that is missing.
+
+    A hub id ``org/name`` is left to ``from_pretrained`` (which may go online); anything that looks like a
+    local path (``./x``, ``/x``, ``a/b/c``, ``x.json``) must exist.
+    """
+    if os.path.isdir(path):
+        return path
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".json")
+    if looks_local or os.path.exists(path):
+        raise CliError(
+            f"{what} {path!r}: no such folder (give a folder holding config.json, e.g. one written by "
+            "save_pretrained or `ragkern convert-gguf`, or a hub id such as org/name)"
+        )
+    return path
+
+
+def _data_file(path: str, what: str = "DATA") -> str:
+    if not os.path.isfile(path):
+        raise CliError(f"{what} {path!r}: no such file (records as .jsonl, .json or .parquet)")
+    return path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -19,19 +53,46 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _selftest(args: argparse.Namespace) -> int:
-    from .selftest import ModelPathError, run_selftest, run_selftest_model
+    from .selftest import run_selftest, run_selftest_model
 
-    if args.model is not None:
-        try:
-            results = run_selftest_model(args.model)
-        except ModelPathError as e:
-            print(f"ragkern selftest: error: {e}", file=sys.stderr)
-            return 2
+    if args.model is not None:  # a ModelPathError (a ValueError) is reported by main() as one line
+        results = run_selftest_model(args.model)
     else:
-        results = run_selftest(args.config)
+        results = run_selftest(_config_or_model_type(args.config))
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}")
     return 0 if all(r.passed for r in results) else 1
+
+
+def _config_or_model_type(value: str) -> str:
+    """``--config``: a config.json (or its folder), or a model type transformers knows; else a CliError that
+    says which it looks like and what would work."""
+    if os.path.exists(value):
+        return value
+    if value.endswith(".json") or value.startswith((".", "/", "~")) or value.count("/") > 1:
+        raise CliError(
+            f"--config {value!r}: no such file or folder (a config.json, its folder, or a model type)"
+        )
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if value in CONFIG_MAPPING:
+        return value
+    if "/" in value:
+        raise CliError(
+            f"--config {value!r} looks like a hub id; selftest runs offline from a config: pass the model's "
+            "config.json (or its folder), or its model type (e.g. llama)"
+        )
+    by_class = {cls: model_type for model_type, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}
+    if value in by_class:
+        hint = f"; {value} is the class of model type {by_class[value]!r}: --config {by_class[value]}"
+    else:
+        close = difflib.get_close_matches(value.lower(), list(CONFIG_MAPPING.keys()), n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise CliError(
+        f"--config {value!r} is neither a config.json path nor a model type transformers knows (llama, qwen2, "
+        f"qwen3, mistral, gemma, ...){hint}"
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -40,11 +101,13 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import load_records
     from .evaluate import evaluate_answers, format_metrics
 
-    records = load_records(args.data, kinds=("raft",))
+    records = load_records(_data_file(args.data, "--data"), kinds=("raft",))
     if not records:
-        print(f"ragkern eval: {args.data} holds no RAFT records", file=sys.stderr)
-        return 2
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        raise CliError(f"--data {args.data!r} holds no RAFT records ({{question, passages, answer}})")
+    _model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(
+        _model_dir(args.tokenizer, "--tokenizer") if args.tokenizer else args.model
+    )
     model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device)
     metrics = evaluate_answers(
         model,
@@ -64,13 +127,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert_gguf(args: argparse.Namespace) -> int:
-    from .gguf import GGUFError, convert_gguf, gguf_source
+    from .gguf import convert_gguf, gguf_source
 
-    try:
-        out = convert_gguf(gguf_source(args.file), args.outdir, dtype=args.dtype)
-    except GGUFError as e:
-        print(f"ragkern convert-gguf: error: {e}", file=sys.stderr)
-        return 2
+    out = convert_gguf(gguf_source(args.file), args.outdir, dtype=args.dtype)  # GGUFError: main() reports it
     print(f"wrote {out} (safetensors, {args.dtype}; tokenizer and chat template beside it)")
     return 0
 
@@ -97,6 +156,7 @@ def _format_pack_stats(stats: dict, max_length: int, width: int = 40) -> str:
         f"  ragkern packing           {pack['fill_ratio']:.4f} ({pack['bins']:,} rows of {max_length})",
         f"  padding to the longest    {pad['fill_ratio']:.4f} (batches of {pad['batch_size']})",
         f"  packing / padding         {stats['packing_vs_padding']}x",
+        *_packing_note(stats, max_length),
         "",
         f"length policy ({policy['records']:,} records):",
         f"  RAFT trimmed to fit       {policy['trimmed']:,} ({policy['dropped_distractors']:,} distractor "
@@ -108,6 +168,23 @@ def _format_pack_stats(stats: dict, max_length: int, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+def _packing_note(stats: dict, max_length: int) -> list[str]:
+    """Why packing can fill less than padding: a small dataset (a part-empty last row weighs a lot) whose
+    examples are similar in length (so padding wastes little)."""
+    pack, pad = stats["packing"], stats["padding"]
+    if pack["fill_ratio"] >= pad["fill_ratio"]:
+        return []
+    tokens = stats["tokens"]
+    rows = math.ceil(tokens / max_length)
+    return [
+        f"  note: packing fills less than padding here because the data is small: {tokens:,} tokens fill "
+        f"{rows} row(s) of {max_length}",
+        f"        at best ({tokens / (rows * max_length):.4f}), {pack['bins']} used, and the examples are similar "
+        "in length, so padding wastes little;",
+        "        over many rows packing fills above 0.99 (bench/results/packing.json), padding does not.",
+    ]
+
+
 def _pack_stats(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -116,13 +193,12 @@ def _pack_stats(args: argparse.Namespace) -> int:
     from .data import pack_stats
 
     if args.png and importlib.util.find_spec("matplotlib") is None:
-        print(
-            "ragkern pack-stats: --png needs matplotlib, which is not installed: pip install matplotlib "
-            "(or pip install 'ragkern[bench]')",
-            file=sys.stderr,
+        raise CliError(
+            "--png needs matplotlib, which is not installed: pip install matplotlib (or pip install "
+            "'ragkern[bench]')"
         )
-        return 2
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    _data_file(args.data)
+    tokenizer = AutoTokenizer.from_pretrained(_model_dir(args.tokenizer, "--tokenizer"))
     stats = pack_stats(args.data, tokenizer, args.max_length, batch_size=args.batch_size, png=args.png)
     print(_format_pack_stats(stats, args.max_length))
     if args.png:
@@ -130,15 +206,52 @@ def _pack_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(argv: list[str]) -> int:
-    from .data import RecordError
-    from .run import ConfigError, parse_train_args, run_train
+TRAIN_HELP = """\
+usage: ragkern train --config RUN.yaml [--option value ...]
 
-    try:
-        run = run_train(*parse_train_args(argv))
-    except (ConfigError, RecordError) as e:  # bad options or records: the message names them
-        print(f"ragkern train: error: {e}", file=sys.stderr)
-        return 2
+Fine-tune with RagTrainer. The config file (YAML or JSON) sets any option, flags after it override it:
+  ragkern train --config examples/configs/raft.yaml --learning_rate 1e-4 --output_dir runs/raft
+
+  --config FILE                   the run's options (see examples/configs/raft.yaml, dap.yaml, hybrid.yaml)
+
+model
+  --model_name_or_path PATH       checkpoint to fine-tune: a local folder (or a hub name)
+  --model_config CONFIG           or a small random model from a config.json or model type (smoke runs)
+  --tokenizer_name_or_path PATH   tokenizer folder (default: the model's), or 'word' (offline, from the data)
+  --model_dtype DTYPE             float32 (default; add --bf16 for mixed precision), bfloat16, float16, auto
+  --lora_r R                      LoRA rank, 0 = full fine-tuning (also --lora_alpha, --lora_dropout,
+                                  --lora_target_modules)
+
+data
+  --sources JSON                  [{kind: raft|qa|instruct|dap, path, weight, name, corpus}] (a list in the file)
+  --num_distractors N             qa sources: distractor passages per example (3)
+  --p_oracle P                    qa sources: probability an example keeps its oracle passage (0.8)
+  --negatives random|bm25         qa sources: how distractors are drawn
+  --num_records N                 use at most this many (mixed) records
+
+training (every TrainingArguments option works too)
+  --output_dir DIR                where the model, tokenizer and ragkern_run.json go
+  --max_length N                  tokens per packed row (2048)
+  --per_device_train_batch_size B packed rows per micro-batch (1)
+  --gradient_accumulation_steps K micro-batches per optimizer step
+  --learning_rate LR              peak learning rate
+  --num_train_epochs E            or --max_steps S
+  --bf16                          bf16 mixed precision (fp32 weights + autocast)
+  --block_attention               each passage attends only to itself (reusable passage KV caches)
+  --loss_normalization MODE       token (default) | example | source (with --source_weights)
+
+`ragkern train --help-all` lists every option."""
+
+
+def _train(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(TRAIN_HELP)
+        return 0
+    from .run import parse_train_args, run_train
+
+    if argv and argv[0] == "--help-all":
+        argv = ["--help"]
+    run = run_train(*parse_train_args(argv))
     print(json.dumps(run.metrics, indent=2))
     return 0
 
@@ -244,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cg.set_defaults(func=_convert_gguf)
 
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub.add_parser(
         "train",
-        add_help=False,  # `ragkern train --help` lists every option (HfArgumentParser's help)
+        add_help=False,  # `ragkern train --help` prints TRAIN_HELP; --help-all every option
         help="fine-tune with RagTrainer from a YAML/JSON config (--config run.yaml) and/or flags",
         description=(
             "ragkern train --config run.yaml [--option value ...]: model (checkpoint or small random model from a "
@@ -257,12 +371,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a mistake in the input, not a bug (loaded lazily: they live in heavy modules)."""
+    types: list[type[BaseException]] = [CliError, ValueError, OSError, KeyError]
+    if "ragkern.run" in sys.modules:
+        types.append(sys.modules["ragkern.run"].ConfigError)
+    return tuple(types)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``ragkern COMMAND ...``; returns the exit status (2 for a mistake in the input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # its options are HfArgumentParser's (every TrainingArguments field)
-        return _train(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    try:
+        if command == "train":  # its options are HfArgumentParser's (every TrainingArguments field)
+            return _train(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except Exception as e:
+        if debug:
+            raise
+        prefix = f"ragkern {command}" if command else "ragkern"
+        if isinstance(e, CliError):
+            print(f"{prefix}: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, _user_error_types()):
+            print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(
+            f"{prefix}: error: unexpected {type(e).__name__}: {_one_line(e)} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

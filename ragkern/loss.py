@@ -96,13 +96,20 @@ def _argmax_hits(
 
 
 def _fused_token_loss(
-    model: torch.nn.Module, model_inputs: dict, targets: torch.Tensor, with_hits: bool = False
+    model: torch.nn.Module,
+    model_inputs: dict,
+    targets: torch.Tensor,
+    with_hits: bool = False,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, T)`` fp32 loss at each position against ``targets`` (0 where ignored), without the logits, and
     (``with_hits``) the ``(B, T)`` argmax hits of :func:`_argmax_hits`, else None.
 
     The model runs through its own (possibly wrapped) forward with ``logits_to_keep`` selecting no position,
-    so the lm_head sees an empty input; the final hidden states come back in ``hidden_states[-1]``.
+    so the lm_head sees an empty input; the final hidden states come back in ``hidden_states[-1]``. The lm_head
+    product runs in the dtype the unfused ``F.linear`` would use: the autocast dtype under autocast (the final
+    hidden states and fp32 master weights are cast to it), else the hidden states' dtype; the loss is
+    accumulated in fp32 either way.
     """
     hf = _hf_model(model)
     model_type = getattr(hf.config, "model_type", None)
@@ -112,10 +119,12 @@ def _fused_token_loss(
     softcap = getattr(hf.config, "final_logit_softcapping", None)
     none = torch.empty(0, dtype=torch.long, device=targets.device)
     out = model(**model_inputs, output_hidden_states=True, logits_to_keep=none)
-    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
+    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm; fp32 under autocast (fp32 residual)
     del out
-    weight = weight.to(hidden.dtype)  # under autocast the backbone runs in half precision
-    bias = None if bias is None else bias.to(hidden.dtype)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     per_pos = fused_linear_cross_entropy(
         hidden.flatten(0, 1),
         weight,
@@ -124,6 +133,7 @@ def _fused_token_loss(
         ignore_index=IGNORE_INDEX,
         reduction="none",
         softcap=softcap or None,
+        label_smoothing=label_smoothing,
     )
     hits = _argmax_hits(hidden, weight, bias, targets) if with_hits else None
     return per_pos.view_as(targets), hits
@@ -134,6 +144,27 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def logits_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss and argmax hits from materialised logits, aligned with ``labels``.
+
+    ``logits`` ``(B, T, V)`` (any float dtype; the loss is computed in fp32), ``labels`` ``(B, T)`` ->
+    ``token_loss`` ``(B, T)`` fp32 and ``hits`` ``(B, T)`` bool: entry ``t`` is about predicting
+    ``labels[:, t]`` from position ``t - 1`` (0 / False where the label is -100; column 0 always).
+    """
+    targets = shifted_targets(labels)
+    per_pos = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).view_as(targets)
+    hits = (logits.detach().argmax(-1) == targets) & (targets != IGNORE_INDEX)
+    return F.pad(per_pos[:, :-1], (1, 0)), F.pad(hits[:, :-1], (1, 0))
+
+
 def causal_lm_loss(
     model: torch.nn.Module,
     inputs: dict,
@@ -141,6 +172,7 @@ def causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     fused: bool = True,
     return_hits: bool = False,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
     """Run ``model`` on ``inputs`` and return ``(loss, token_loss)``, or ``(loss, token_loss, hits)``.
 
@@ -158,27 +190,34 @@ def causal_lm_loss(
     The fused path never holds the logits, so its ``hits`` come from projecting the target positions' hidden
     states only through the lm_head (no grad, in chunks): cheap when targets are few (RAFT answers), one
     extra lm_head forward when every token is a target (DAP).
+
+    ``label_smoothing`` is ``F.cross_entropy``'s (and ``Trainer``'s ``label_smoothing_factor``): each target's
+    loss is ``(1 - eps) * nll + eps * mean over the vocabulary of -log p``, on both paths.
+
+    A packed row (``cu_seq_lens_q`` in ``inputs``) runs with ``use_cache=False``: it is never decoded
+    further, and a cache would keep every layer's keys and values alive.
     """
     labels = inputs["labels"]
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    if "cu_seq_lens_q" in model_inputs:
+        model_inputs.setdefault("use_cache", False)
     targets = shifted_targets(labels)
-    per_pos = hits = None
+    token_loss = hits = None
     if fused:
         try:
-            per_pos, hits = _fused_token_loss(model, model_inputs, targets, with_hits=return_hits)
+            per_pos, hits = _fused_token_loss(
+                model, model_inputs, targets, with_hits=return_hits, label_smoothing=label_smoothing
+            )
+            token_loss = F.pad(per_pos[:, :-1], (1, 0))  # realign with labels
+            hits = None if hits is None else F.pad(hits[:, :-1], (1, 0))
         except _NotFusable as why:
             _log_once(f"ragkern: fused loss off, using the plain loss (materialised logits): {why}")
-    if per_pos is None:
+    if token_loss is None:
         logits = model(**model_inputs).logits  # (B, T, V)
-        per_pos = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(targets)
-        if return_hits:
-            hits = (logits.detach().argmax(-1) == targets) & (targets != IGNORE_INDEX)
-    token_loss = F.pad(per_pos[:, :-1], (1, 0))  # realign with labels
+        token_loss, hits = logits_token_loss(logits, labels, label_smoothing=label_smoothing)
     denom = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
     if torch.is_tensor(denom):
         denom = denom.to(token_loss.device)
     if return_hits:
-        return token_loss.sum() / denom, token_loss, F.pad(hits[:, :-1], (1, 0))
+        return token_loss.sum() / denom, token_loss, hits
     return token_loss.sum() / denom, token_loss

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -101,6 +102,26 @@ def pack_lengths(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return bins
 
 
+def pack_in_order(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Bins of consecutive examples, each of at most ``max_length`` tokens (next fit): a new bin starts when
+    the next example does not fit. Reading the bins one after the other gives the examples in their order,
+    which evaluation and prediction need to map outputs back to examples; fill is lower than
+    :func:`pack_lengths`'s."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    bins: list[list[int]] = []
+    room = 0
+    for i, n in enumerate(int(x) for x in lengths):
+        if not 1 <= n <= max_length:
+            raise ValueError(f"example {i} has length {n}; lengths must be in [1, max_length={max_length}]")
+        if n > room:
+            bins.append([])
+            room = max_length
+        bins[-1].append(i)
+        room -= n
+    return bins
+
+
 class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields the example indices of ``bins_per_batch`` packed bins per micro-batch, for this rank.
 
@@ -113,6 +134,9 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
     that makes the dataset hold epoch ``e``'s examples and returns their lengths; :meth:`set_epoch` calls it and
     re-packs. ``lengths`` then describes the dataset as it is now. Give ``num_bins`` (at least the bins any epoch
     needs) so that ``len()`` stays the same every epoch, as ``Trainer`` counts steps once.
+
+    ``in_order=True`` (evaluation and prediction) packs consecutive examples (:func:`pack_in_order`) and never
+    shuffles: on one rank the batches hold the examples in dataset order.
     """
 
     def __init__(
@@ -127,6 +151,7 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
         rank: int = 0,
         num_bins: int | None = None,
         epoch_lengths: Callable[[int], Sequence[int]] | None = None,
+        in_order: bool = False,
     ):
         if bins_per_batch < 1:
             raise ValueError(f"bins_per_batch must be >= 1, got {bins_per_batch}")
@@ -136,8 +161,11 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(
                 f"num_bins={num_bins} must be a positive multiple of num_replicas={num_replicas}"
             )
+        if in_order and (shuffle or epoch_lengths is not None):
+            raise ValueError("in_order=True keeps the dataset order: it excludes shuffle and epoch_lengths")
         self.max_length = max_length
         self.bins_per_batch = bins_per_batch
+        self.in_order = in_order
         self.shuffle = shuffle
         self.seed = seed
         self.num_replicas = num_replicas
@@ -150,7 +178,8 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _pack(self, lengths: Sequence[int]) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.bins = self._split_for_ranks(pack_lengths(self.lengths, self.max_length))
+        pack = pack_in_order if self.in_order else pack_lengths
+        self.bins = self._split_for_ranks(pack(self.lengths, self.max_length))
 
     def _split_for_ranks(self, bins: list[list[int]]) -> list[list[int]]:
         target = self.num_bins
@@ -175,8 +204,8 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     @property
     def fill_ratio(self) -> float:
-        """Real tokens / (bins x max_length) of this packing (of the current epoch)."""
-        return float(self.lengths.sum()) / (len(self.bins) * self.max_length)
+        """Real tokens / (bins x max_length) of this packing (of the current epoch); 0 with no bins."""
+        return float(self.lengths.sum()) / (len(self.bins) * self.max_length) if self.bins else 0.0
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle for ``epoch``; with ``epoch_lengths``, switch the data to that epoch and re-pack it."""
@@ -347,6 +376,47 @@ def _pack_stream(examples, max_length, buffer_size, multiple_of, stats) -> Itera
         yield emit(b)
 
 
+WORKER_SPLITS = ("auto", "source", "bins")
+
+
+def shards_by_worker(source) -> bool:
+    """Whether ``source`` hands each DataLoader worker its own share of the stream by itself.
+
+    A ``datasets.IterableDataset`` does (it splits its shards between the workers), and so do ragkern's
+    :class:`~ragkern.data.EncodedStream` and :class:`~ragkern.data.RaftStream` over one. Anything else (lists,
+    files, generators) is read whole by every worker.
+    """
+    seen = set()
+    while id(source) not in seen:
+        seen.add(id(source))
+        datasets = sys.modules.get("datasets")
+        if datasets is not None and isinstance(source, datasets.IterableDataset):
+            return True
+        if type(source).__name__ not in ("EncodedStream", "RaftStream") or not hasattr(source, "records"):
+            return False
+        source = source.records
+    return False
+
+
+def _hide_worker_info(iterable: Iterable[dict]) -> Iterator[dict]:
+    """Iterate ``iterable`` as if outside any DataLoader worker, so a source that would shard itself per
+    worker (a ``datasets.IterableDataset``, possibly wrapped) yields the whole stream."""
+    worker = getattr(torch.utils.data._utils, "worker", None)
+    if worker is None or not hasattr(worker, "_worker_info"):  # pragma: no cover - torch internals moved
+        yield from iterable
+        return
+    it = iter(iterable)
+    while True:
+        saved, worker._worker_info = worker._worker_info, None
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            worker._worker_info = saved
+        yield item
+
+
 class PackedIterableDataset(torch.utils.data.IterableDataset):
     """Packed bins of a stream of encoded examples, for ``Trainer``/``DataLoader``: each item is one bin (a list
     of example dicts), packed by :func:`pack_stream` with a bounded buffer; nothing is materialised.
@@ -366,8 +436,18 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
     on every rank); rank ``r`` of ``world_size`` takes bins ``r, r + world_size, ...``. Bins go out in
     rounds of ``world_size`` and the end of the stream is split (or, too short, trimmed) so that every rank
     gets the same number of bins (:func:`pack_stream`'s ``multiple_of``), so ranks run the same number of
-    steps. ``rank``/``world_size`` default to torch.distributed's, read when iteration starts. The length of a stream is unknown: like any iterable dataset under ``Trainer``, give ``max_steps``.
-    DataLoader workers split this rank's bins between them; ``stats`` (fill ratio) is then kept in the workers.
+    steps. ``rank``/``world_size`` default to torch.distributed's, read when iteration starts. The length of a
+    stream is unknown: like any iterable dataset under ``Trainer``, give ``max_steps``.
+
+    DataLoader workers (``worker_split``): every example is trained exactly once per pass whatever the number
+    of workers. ``"source"``: the source gives each worker its own share (a ``datasets.IterableDataset``
+    splits its shards between workers, also under :class:`~ragkern.data.EncodedStream`): each worker packs
+    its share and deals its bins to the ranks, so workers tokenize in parallel (a dataset with fewer shards
+    than workers leaves workers idle: ``datasets`` warns). ``"bins"``: every worker reads and packs the whole
+    stream (any source sharding per worker is switched off) and keeps every ``num_workers``-th of this rank's
+    bins: correct for any source, but each worker tokenizes everything. ``"auto"`` (default): ``"source"``
+    when :func:`shards_by_worker` says the source shards itself, else ``"bins"``. :attr:`fill_ratio` covers the
+    bins this rank's workers emitted (through shared memory set up by :func:`stream_dataloader`).
 
     Resuming: ``Trainer`` sees one epoch of ``max_steps`` steps and resumes by skipping ``global_step x
     gradient_accumulation_steps`` micro-batches of the first pass, re-reading and re-packing the stream. A
@@ -391,7 +471,10 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         source_names: Sequence[str] | None = None,
+        worker_split: str = "auto",
     ):
+        if worker_split not in WORKER_SPLITS:
+            raise ValueError(f"worker_split={worker_split!r} is not one of {WORKER_SPLITS}")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (torch.distributed's are used)")
         if world_size is not None and not 0 <= rank < world_size:
@@ -403,9 +486,12 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         self.buffer_size = buffer_size
         self.rank, self.world_size = rank, world_size
         self.source_names = tuple(source_names) if source_names is not None else None
+        self.worker_split = worker_split
         self.epoch = 0
         self.stats = StreamPackStats(max_length)
         self._warned_repass = False
+        # (workers, 2) float64 in shared memory: tokens and bins each worker emitted (stream_dataloader sets it)
+        self.worker_stats: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
         if epoch > 0 and not self._warned_repass:  # under Trainer: the stream was shorter than max_steps
@@ -431,6 +517,11 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
 
     @property
     def fill_ratio(self) -> float:
+        """Real tokens / (bins x max_length): of the bins the DataLoader workers emitted when they report
+        through :attr:`worker_stats`, else of this process's pass (all ranks' bins)."""
+        if self.worker_stats is not None and self.worker_stats[:, 1].sum() > 0:
+            tokens, bins = self.worker_stats.sum(0).tolist()
+            return tokens / (bins * self.max_length)
         return self.stats.fill_ratio
 
     def __iter__(self) -> Iterator[list[dict]]:
@@ -438,12 +529,24 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         wid, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         source = self.examples(self.epoch) if callable(self.examples) else self.examples
+        split = self.worker_split
+        if split == "auto":
+            split = "source" if shards_by_worker(source) else "bins"
+        if workers > 1 and split == "bins":
+            source = _hide_worker_info(source)
+        share = workers if split == "bins" else 1  # "source": this worker's examples are its own already
         self.stats = StreamPackStats(self.max_length)
+        report = self.worker_stats if worker is not None and self.worker_stats is not None else None
+        if report is not None:
+            report[wid] = 0
         bins = pack_stream(
             source, self.max_length, buffer_size=self.buffer_size, multiple_of=world, stats=self.stats
         )
         for i, b in enumerate(bins):
-            if i % world == rank and (i // world) % workers == wid:
+            if i % world == rank and (i // world) % share == wid % share:
+                if report is not None:
+                    report[wid, 0] += sum(len(e["input_ids"]) for e in b)
+                    report[wid, 1] += 1
                 yield b
 
 
@@ -487,4 +590,6 @@ def stream_dataloader(
         raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
     mine = copy.copy(dataset)
     mine.rank, mine.world_size = rank, world_size
+    workers = loader_kwargs.get("num_workers") or 0
+    mine.worker_stats = torch.zeros(workers, 2, dtype=torch.float64).share_memory_() if workers else None
     return _StreamLoader(mine, batch_size=bins_per_batch, collate_fn=BinCollator(collator), **loader_kwargs)

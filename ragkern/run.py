@@ -16,8 +16,8 @@ What a run does: load and validate each source's records; build RAFT records for
 corpus (:class:`~ragkern.data.RaftBuilder`); mix the sources at their weights
 (:func:`~ragkern.data.mix_sources`); encode with the length policy; build the model (a checkpoint, or a small
 random model from a config for smoke runs) and its peft LoRA adapter; train with
-:class:`~ragkern.RagTrainer`; save the model, the tokenizer and ``ragkern_run.json`` (the options and the
-encoding counts) to ``output_dir``. Relative paths are relative to the working directory.
+:class:`~ragkern.RagTrainer`; save the model, the tokenizer and ``ragkern_run.json`` (the model, data and training
+options and the encoding counts) to ``output_dir``. Relative paths are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from transformers import (
 from .data import EncodeStats, RaftBuilder, RaftEpochDataset, encode_records, load_records, mix_sources
 from .data.tokenizer import build_word_tokenizer
 from .selftest import small_config
-from .trainer import RagTrainer, RagTrainingArguments
+from .trainer import RagTrainer, RagTrainingArguments, get_peft_model_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -441,6 +441,10 @@ def _build_model(model_args: ModelArguments, tokenizer, training_args: RagTraini
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path, attn_implementation=attn, dtype=dtype
         )
+        if Path(model_args.model_name_or_path).is_dir():  # saved adapters name their base: make it absolute
+            model.name_or_path = model.config._name_or_path = str(
+                Path(model_args.model_name_or_path).resolve()
+            )
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             logger.warning(
                 "resizing the embeddings from %d to the tokenizer's %d tokens",
@@ -459,7 +463,7 @@ def _build_model(model_args: ModelArguments, tokenizer, training_args: RagTraini
 
 
 def _add_lora(model, model_args: ModelArguments, base_dir: Path | None):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     if base_dir is not None:  # a random base: save it, so the adapter can be loaded onto it
         model.save_pretrained(base_dir)
@@ -472,7 +476,7 @@ def _add_lora(model, model_args: ModelArguments, base_dir: Path | None):
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    model = get_peft_model_quietly(model, config)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d: %d of %d parameters trainable", model_args.lora_r, trainable, total)
     return model
@@ -493,7 +497,7 @@ def run_train(
     """Build the data, tokenizer and model of a run, train with :class:`~ragkern.RagTrainer`, save.
 
     Writes to ``training_args.output_dir``: the model (or the LoRA adapter, plus ``base_model/`` when the base
-    was built from ``model_config``), the tokenizer, and ``ragkern_run.json`` (model and data options, encoding
+    was built from ``model_config``), the tokenizer, and ``ragkern_run.json`` (model, data and training options, encoding
     counts, final metrics). Resumes from ``training_args.resume_from_checkpoint`` when set.
     """
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
@@ -530,7 +534,10 @@ def run_train(
 
     model = _build_model(model_args, tokenizer, training_args)
     if model_args.lora_r:
-        base_dir = Path(training_args.output_dir) / "base_model" if model_args.model_config else None
+        # absolute: the adapter records where its base is, and is evaluated from other folders too
+        base_dir = (
+            Path(training_args.output_dir).resolve() / "base_model" if model_args.model_config else None
+        )
         model = _add_lora(model, model_args, base_dir if training_args.should_save else None)
     trainer = RagTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -540,6 +547,7 @@ def run_train(
         summary = {
             "model": dataclasses.asdict(model_args),
             "data": dataclasses.asdict(data_args),
+            "training": training_args.to_dict(),
             "encoding": dataclasses.asdict(dataset.stats),
             "metrics": metrics,
         }

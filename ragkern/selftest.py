@@ -65,6 +65,10 @@ def small_config(config_or_name: str | PretrainedConfig) -> PretrainedConfig:
         _SMALL, vocab_size=_VOCAB, num_attention_heads=kv_small * ratio, num_key_value_heads=kv_small
     )
     values["head_dim"] = 16
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids of the full vocabulary (phi3: 32000)
+        ids = values.get(key)
+        if isinstance(ids, int) and ids >= _VOCAB or isinstance(ids, list) and any(i >= _VOCAB for i in ids):
+            values[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
     for key in ("quantization_config", "auto_map", "architectures", "_name_or_path", "torch_dtype", "dtype"):
         values.pop(key, None)
     if isinstance(values.get("layer_types"), list):  # keep the pattern of sliding/full layers, shortened

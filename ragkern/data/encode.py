@@ -61,8 +61,19 @@ class ExampleTooLongError(RecordError):
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def present_fields(record):
+    """The record without its None-valued fields, which count as absent.
+
+    A ``datasets.Dataset`` holding several record kinds has the union of their columns, and fills the fields
+    a row lacks with None: a chat row reads ``{"messages": [...], "question": None, "passages": None, ...}``.
+    """
+    if isinstance(record, dict) and any(v is None for v in record.values()):
+        return {k: v for k, v in record.items() if v is not None}
+    return record
+
+
 def record_kind(record: dict) -> str:
-    """The format of a record, from its fields.
+    """The format of a record, from its fields (a None field counts as absent).
 
     ``"raft"``: ``{"question", "passages", "answer"}``; ``"qa"``: ``{"question", "answer", "oracle_passages"}``
     (RAFT examples are built from it and a corpus); ``"instruct"``: ``{"messages"}`` or
@@ -70,6 +81,7 @@ def record_kind(record: dict) -> str:
     """
     if not isinstance(record, dict):
         raise RecordError(f"a record must be a dict, got {type(record).__name__}")
+    record = present_fields(record)
     if "messages" in record or ("prompt" in record and "completion" in record):
         return "instruct"
     if "question" in record:
@@ -417,6 +429,7 @@ def validate_record(record: dict) -> str:
     Raises:
         RecordError: a missing, empty or mistyped field, an unknown role, an oracle index out of range.
     """
+    record = present_fields(record)
     kind = record_kind(record)
     if kind == "raft":
         raft_target(record)
@@ -459,6 +472,7 @@ def fit_raft(record: dict, tokenizer, max_length: int) -> tuple[dict, FitReport]
         ExampleTooLongError: even the question, the answer and one token per passage do not fit.
     """
     _check_tokenizer(tokenizer)
+    record = present_fields(record)
     passages = list(_passage_list(record))
     oracle = oracle_indices(record, len(passages))
     keep = list(range(len(passages)))
@@ -539,6 +553,7 @@ def encode(record: dict, tokenizer, *, max_length: int | None = None) -> dict:
         ValueError: the tokenizer is not fast or has no EOS token.
     """
     _check_tokenizer(tokenizer)
+    record = present_fields(record)
     kind = record_kind(record)
     if kind == "qa":
         raise RecordError(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .encode import ExampleTooLongError, RecordError, encode, fit_raft, record_kind
+from .encode import ExampleTooLongError, RecordError, encode, fit_raft, present_fields, record_kind
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ def _encode_stream(records, tokenizer, max_length, strict, trim, on_error, stats
     total = len(records) if hasattr(records, "__len__") else None
     for i, record in enumerate(tqdm(records, total=total, desc="encoding", disable=not show_progress)):
         stats.records += 1
+        record = present_fields(record)
         try:
             kind = record_kind(record)
             is_dap = kind == "dap"

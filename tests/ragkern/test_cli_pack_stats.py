@@ -70,3 +70,16 @@ def test_pack_stats_cli_png(data, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     assert main([*argv, "--png", str(tmp_path / "h.png")]) == 0
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pack_stats_explains_when_packing_fills_less_than_padding():
+    from ragkern.cli import _packing_note
+
+    small = {
+        "tokens": 2930,
+        "packing": {"bins": 7, "fill_ratio": 0.8175},
+        "padding": {"batch_size": 8, "fill_ratio": 0.896},
+    }
+    note = " ".join(_packing_note(small, 512))
+    assert "the data is small: 2,930 tokens fill 6 row(s) of 512" in note and "7 used" in note
+    assert _packing_note({**small, "packing": {"bins": 6, "fill_ratio": 0.954}}, 512) == []

@@ -5,7 +5,7 @@ import torch
 
 from ragkern import PackingCollator
 from ragkern.selftest import check_no_leakage, check_packing_equivalence
-from tests.ragkern.tiny import TINY, random_examples, tiny_model
+from tests.ragkern.tiny import TINY, leaky_model, random_examples, tiny_model
 
 FAMILIES = sorted(TINY)
 LENGTHS = [7, 1, 13, 5, 2]  # different lengths in one row, including a single-token example
@@ -31,8 +31,8 @@ def test_changing_one_example_leaves_the_others_bit_identical(family):
 
 
 def test_checks_catch_a_leaking_attention():
-    """sdpa ignores the packing boundaries: both checks must fail on it (so they can fail at all)."""
-    leaky = tiny_model("llama", attn="sdpa")
+    """An attention blind to the packing boundaries: both checks must fail on it (so they can fail at all)."""
+    leaky = leaky_model("llama")
     assert not check_packing_equivalence(leaky, lengths=LENGTHS).passed
     result = check_no_leakage(leaky, lengths=LENGTHS)
     assert not result.passed and "leak" in result.detail

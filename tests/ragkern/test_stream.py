@@ -380,3 +380,57 @@ def test_rag_trainer_resumes_a_stream_in_the_same_order(tmp_path, repeat, caplog
     assert passes != repeat  # 12 records make 5 bins: Trainer needs a second pass unless the stream repeats
     checkpoint = tmp_path / "full" / ("checkpoint-6" if repeat else "checkpoint-3")
     assert run(tmp_path / "resumed", resume=str(checkpoint)) == pytest.approx(full, rel=1e-6)
+
+
+def _id_examples(n: int) -> list[dict]:
+    """Examples whose first token is their id + 4 (ids < 60), of varied lengths, every token a target."""
+    rng = np.random.default_rng(7)
+    return [{"input_ids": [4 + i] + [3] * int(rng.integers(1, 20)), "id": i} for i in range(n)]
+
+
+def _hf_stream(examples: list[dict], shards: int) -> datasets.IterableDataset:
+    data = datasets.Dataset.from_list([{"input_ids": e["input_ids"]} for e in examples])
+    return data.to_iterable_dataset(num_shards=shards)
+
+
+@pytest.mark.parametrize(
+    "kind,workers,shards", [("hf", w, s) for s in (1, 2) for w in (0, 1, 2)] + [("list", 2, 1)]
+)
+def test_stream_trains_every_example_exactly_once_per_pass_whatever_the_workers(
+    tmp_path, kind, workers, shards
+):
+    """DataLoader workers over a stream: a datasets.IterableDataset shards itself per worker (the packer must not
+    split again), a list does not (each worker must take its share of bins): either way one pass trains each
+    example once, and the fill ratio comes from the workers."""
+    from ragkern import RagTrainer, RagTrainingArguments
+
+    examples = _id_examples(40)
+    source = _hf_stream(examples, shards) if kind == "hf" else examples
+    train = PackedIterableDataset(source, 48, buffer_size=8)
+    one_pass = len(list(stream_dataloader(train, PackingCollator(), num_workers=workers)))
+    trained = []
+
+    class Recording(RagTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            cu = inputs["cu_seq_lens_q"].tolist()
+            trained.extend(int(inputs["input_ids"][0, a]) - 4 for a in cu[:-1])
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    args = RagTrainingArguments(
+        output_dir=str(tmp_path),
+        max_length=48,
+        max_steps=one_pass,
+        per_device_train_batch_size=1,
+        learning_rate=0.0,
+        dataloader_num_workers=workers,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = Recording(model=tiny_model("llama"), args=args, train_dataset=train)
+    trainer.train()
+    assert sorted(trained) == list(range(len(examples)))
+    fills = [h["fill_ratio"] for h in trainer.state.log_history if "loss" in h]
+    assert fills and all(0.5 < f <= 1 for f in fills)

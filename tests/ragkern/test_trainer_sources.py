@@ -119,28 +119,30 @@ def test_normalisation_is_invariant_to_gradient_accumulation(tmp_path, mode):
     assert max_rel_diff(grads[2], grads[1]) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["example", "source"])
-def test_eval_loss_uses_the_normalisation_per_batch(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["token", "example", "source"])
+def test_eval_loss_is_the_whole_sets_loss_whatever_the_batching(tmp_path, mode):
+    """eval_loss normalises over the whole evaluation set (Trainer averages batch means, which depends on how
+    examples fall into batches); the last training step's counts must not leak into it either."""
     examples = tagged_examples()
     model = tiny_model("llama")
-    # One training step first (learning rate 0) over all 7 examples: its step counts must not leak into the
-    # evaluation, whose batches are single bins of a few examples each.
-    a = args(
-        tmp_path,
-        max_length=32,
-        loss_normalization=mode,
-        learning_rate=0.0,
-        gradient_accumulation_steps=2,
-        max_steps=1,
-        per_device_eval_batch_size=1,
-    )
-    trainer = RagTrainer(model=model, args=a, train_dataset=examples, eval_dataset=examples)
-    trainer.train()
-    metrics = trainer.evaluate()
-    bins = pack_lengths([len(e["input_ids"]) for e in examples], 32)
-    assert len(bins) == 2
-    per_bin = [reference_loss(model, [examples[i] for i in b], mode).item() for b in bins]
-    assert metrics["eval_loss"] == pytest.approx(sum(per_bin) / len(per_bin), rel=1e-5)
+    losses = []
+    for eval_bins in (1, 8):  # rows of one 16-token bin each, or every example in one row
+        a = args(
+            tmp_path,
+            max_length=16,
+            loss_normalization=mode,
+            learning_rate=0.0,
+            gradient_accumulation_steps=2,
+            max_steps=1,
+            per_device_eval_batch_size=eval_bins,
+        )
+        trainer = RagTrainer(model=model, args=a, train_dataset=examples, eval_dataset=examples)
+        trainer.train()
+        losses.append(trainer.evaluate()["eval_loss"])
+    assert len(pack_lengths([len(e["input_ids"]) for e in examples], 16)) > 2
+    expected = reference_loss(model, examples, mode).item()
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+    assert losses[1] == pytest.approx(expected, rel=1e-5)
 
 
 def test_bad_normalisation_options_raise(tmp_path):

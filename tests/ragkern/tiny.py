@@ -28,18 +28,33 @@ def tiny_model(
 
     spec = dict(TINY[family])
     model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=512,
-        **{**spec, **overrides},
-    )
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**sizes, **spec, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     return model.eval()
+
+
+LEAKY = "leaky_causal"
+
+
+def _leaky_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention over the whole row, blind to packing boundaries: a deliberately wrong attention that
+    the invariant checks must catch. q ``(B, Hq, T, D)``, k/v ``(B, Hkv, T, D)`` -> ``(B, T, Hq, D)``."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2), None
+
+
+def leaky_model(family: str = "llama", **kwargs):
+    """``tiny_model`` on an attention that lets packed examples see each other."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(LEAKY, _leaky_attention)
+    AttentionMaskInterface.register(LEAKY, lambda *args, **kw: None)
+    return tiny_model(family, attn=LEAKY, **kwargs)
 
 
 def word_tokenizer(chat_template: bool = True):

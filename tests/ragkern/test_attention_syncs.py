@@ -1,0 +1,140 @@
+"""The packed attention path does no device-to-host copy per layer (graph-safe hot path).
+
+No GPU here: a spy counts the host copies (``Tensor.tolist`` / ``item`` / ``__bool__`` / ``__int__``,
+``torch.equal``) made
+while the "ragkern" attention runs, with the kernel itself replaced by a stub that computes nothing on the
+host, as the Triton kernel does on a GPU.
+"""
+
+import pytest
+import torch
+
+import ragkern.attention
+from ragkern import PackingCollator, RagTrainer
+from tests.ragkern.tiny import random_examples, tiny_model
+from tests.ragkern.tiny import trainer_args as args
+
+HOST_COPIES = ("tolist", "item", "__bool__", "__int__", "__index__")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts host copies per layer call of the attention; the kernel is a stub returning zeros."""
+    calls = []  # one list of copies per attention call
+    counting = [False]
+
+    for name in HOST_COPIES:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            if counting[0]:
+                calls[-1].append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    real_equal = torch.equal
+
+    def equal(a, b):  # a Python bool from two device tensors: a host copy
+        if counting[0]:
+            calls[-1].append("torch.equal")
+        return real_equal(a, b)
+
+    monkeypatch.setattr(torch, "equal", equal)
+    forward = ragkern.attention.ragkern_attention_forward
+
+    def layer(*a, **kw):
+        calls.append([])
+        counting[0] = True
+        try:
+            return forward(*a, **kw)
+        finally:
+            counting[0] = False
+
+    def stub_kernel(q, k, v, cu_seqlens, max_seqlen, **kw):
+        assert isinstance(max_seqlen, int)
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(ragkern.attention, "varlen_attention", stub_kernel)
+    monkeypatch.setitem(ragkern.attention.AttentionInterface._global_mapping, ragkern.attention.NAME, layer)
+    return calls
+
+
+def packed_inputs(seed=0):
+    batch = PackingCollator()(random_examples([7, 3, 12, 5], seed=seed))
+    batch.pop("labels")
+    return batch
+
+
+def test_unchecked_row_costs_one_host_copy_in_the_first_layer_only(spy):
+    model = tiny_model("llama", num_hidden_layers=3)
+    with torch.no_grad():
+        model(**packed_inputs())
+    assert len(spy) == 3
+    assert spy[0] and spy[1] == [] and spy[2] == []
+
+
+def test_checked_row_costs_no_host_copy(spy):
+    model = tiny_model("llama", num_hidden_layers=3)
+    batch = packed_inputs(seed=1)
+    cu = batch["cu_seq_lens_q"]
+    ragkern.attention.check_packed_row(cu, batch["cu_seq_lens_k"], cu[-1].item(), batch["max_length_q"])
+    spy.clear()
+    with torch.no_grad():
+        model(**batch)
+    assert spy == [[], [], []]
+
+
+def test_rag_trainer_checks_rows_before_moving_them(spy, tmp_path):
+    """Every layer of every training forward is free of host copies: RagTrainer checks on the host."""
+    trainer = RagTrainer(
+        model=tiny_model("llama"),
+        args=args(tmp_path, max_steps=2, learning_rate=0.0),
+        train_dataset=random_examples([9, 4, 11, 6, 13, 5, 8], seed=2),
+    )
+    trainer.train()
+    assert len(spy) >= 4 and all(copies == [] for copies in spy)
+
+
+def test_a_changed_offsets_tensor_is_checked_again(spy):
+    model = tiny_model("llama", num_hidden_layers=2)
+    batch = packed_inputs(seed=3)
+    ragkern.attention.check_packed_row(
+        batch["cu_seq_lens_q"], batch["cu_seq_lens_k"], batch["input_ids"].shape[1]
+    )
+    batch["cu_seq_lens_q"][1] += 1  # edited in place after the check: its version moved on
+    spy.clear()
+    with torch.no_grad():
+        model(**batch)
+    assert spy[0] and spy[1] == []
+
+
+def test_bad_offsets_are_refused():
+    batch = packed_inputs()
+    cu = batch["cu_seq_lens_q"]
+    with pytest.raises(ValueError, match="must run from 0 to the row's"):
+        ragkern.attention.check_packed_row(cu, None, int(cu[-1]) + 1)
+    with pytest.raises(ValueError, match="max_length_q=3 is smaller than the longest example"):
+        ragkern.attention.check_packed_row(cu, None, int(cu[-1]), 3)
+    other = cu.clone()
+    other[1] += 1
+    with pytest.raises(NotImplementedError, match="cu_seq_lens_k == cu_seq_lens_q"):
+        ragkern.attention.check_packed_row(cu, other, int(cu[-1]))
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["plain", "block_mask"])
+def test_packed_forward_compiles_as_one_graph(blocks):
+    """torch.compile(fullgraph=True) of a packed forward (the CPU torch backend: no host read in the graph)
+    gives the eager logits."""
+    examples = random_examples([7, 3, 12, 5], seed=4)
+    if blocks:
+        for ex in examples:  # a passage block in the middle of each example
+            n = len(ex["input_ids"])
+            ex["block_ids"] = [0] * (n // 3) + [1] * (n // 3) + [0] * (n - 2 * (n // 3))
+    batch = PackingCollator(block_attention=blocks)(examples)
+    batch.pop("labels")
+    model = tiny_model("llama")
+    with torch.no_grad():
+        eager = model(**batch, use_cache=False).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**batch, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
