@@ -3,14 +3,12 @@
 import copy
 import math
 
-import pytest
 from peft import LoraConfig, get_peft_model
 
 from ragkern import RagTrainer, RagTrainingArguments
 from ragkern.data.counterfactual import counterfactual_records
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: bf16 autocast")
 def test_three_lora_steps_under_bf16_autocast_lower_the_loss(smollm2_model, smollm2_tokenizer, tmp_path):
     model = get_peft_model(
         copy.deepcopy(smollm2_model),
