@@ -189,7 +189,7 @@ def generate_answers(
     length, longest first, and decoded ``batch_size`` at a time, left-padded, with a KV cache. Each answer stops
     at the first stop token (:func:`stop_token_ids`: the end-of-turn token, EOS, any special token) or after
     ``max_new_tokens``. Greedy answers are those of ``model.generate(do_sample=False)`` with the same stop
-    tokens, on any attention implementation that honours a padding mask (eager, sdpa, "ragkern", flash).
+    tokens, on any attention implementation that honours a padding mask (eager, sdpa and "ragkern" are tested).
     ``show_progress`` shows a progress bar over the records.
     """
     if batch_size < 1 or max_new_tokens < 1:

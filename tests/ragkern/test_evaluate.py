@@ -324,3 +324,23 @@ def test_generate_answers_batches_longest_first_and_keeps_the_order(capsys):
     prefill = [shape for shape in model.calls if shape[1] > 1]
     assert prefill == [(2, max(lengths)), (1, min(lengths))]  # records 1 and 2 together, left-padded
     assert "generating" in capsys.readouterr().err  # the progress bar
+
+
+def test_generate_answers_on_a_peft_model(one_thread):
+    """A LoRA-wrapped model (as after RagTrainer with peft) decodes through its adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.ragkern.tiny import tiny_model, word_tokenizer
+
+    tok = word_tokenizer()
+    model = get_peft_model(
+        tiny_model("llama", vocab_size=len(tok), seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    expected = [greedy_one_by_one(model, tok, r, 5) for r in VARIED]
+    with model.disable_adapter():
+        assert expected != [greedy_one_by_one(model, tok, r, 5) for r in VARIED]  # the adapters matter
+    assert generate_answers(model, tok, VARIED, batch_size=3, max_new_tokens=5) == expected
