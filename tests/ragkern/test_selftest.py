@@ -32,3 +32,14 @@ def test_selftest_reads_a_user_config_and_keeps_its_attention_shape(tmp_path, ca
 def test_selftest_fails_with_the_reason_on_unsupported_models(capsys):
     assert main(["selftest", "--config", "gemma2"]) == 1  # attention logit soft-capping
     assert "FAIL  packing equivalence" in capsys.readouterr().out
+
+
+def test_selftest_model_checks_a_saved_checkpoint(tmp_path, capsys):
+    from tests.ragkern.tiny import tiny_model
+
+    tiny_model("qwen3", vocab_size=64).save_pretrained(tmp_path / "ckpt")
+    assert main(["selftest", "--model", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  packing equivalence" in out and "float64 one-by-one reference" in out
+    assert "PASS  no leakage" in out
+
