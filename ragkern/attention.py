@@ -126,7 +126,8 @@ def _block_row(
     hit = entries.get(key)
     if hit is not None and hit[0]() is cu_arg and (hit[3].dq is not None or not backward):
         return hit[1], hit[2], hit[3]
-    blk = block_arg.reshape(-1).to(device=q.device, dtype=torch.int32)
+    # detached: a plain reshape would keep block_arg as its _base, and the entry (the value) its own key alive
+    blk = block_arg.detach().reshape(-1).to(device=q.device, dtype=torch.int32)
     D = q.shape[2]
     tiles = block_tiles(cu, blk, max_len, head_dim=D, dtype=q.dtype, causal=causal, backward=backward)
     if len(entries) > 8:

@@ -6,6 +6,8 @@ while the "ragkern" attention runs, with the kernel itself replaced by a stub th
 host, as the Triton kernel does on a GPU.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -205,3 +207,19 @@ def test_block_rows_edited_in_place_get_new_tile_lists(spy, monkeypatch):
         batch["block_ids"][0, :3] = 2  # a new passage: the lists built for the old ids are stale
         model(**batch)
     assert builds == [1, 1]
+
+
+def test_tile_lists_die_with_their_batch(spy, monkeypatch):
+    """The memo holds no reference to the batch: once the batch is gone, so are its lists."""
+    monkeypatch.setattr(ragkern.attention, "_triton_path", lambda q: True)
+    monkeypatch.setattr(ragkern.attention, "varlen_attention", lambda q, *a, **kw: q * 1.0)
+    model = tiny_model("llama", num_hidden_layers=2)
+    batch = block_batch()
+    batch.pop("labels")
+    batch["block_ids"] = batch["block_ids"].clone()  # not a view, as after the move to the GPU
+    with torch.no_grad():
+        model(**batch)
+    assert len(ragkern.attention._row_tiles) == 1
+    del batch
+    gc.collect()
+    assert len(ragkern.attention._row_tiles) == 0
