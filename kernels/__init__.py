@@ -4,8 +4,8 @@ Each module holds its Triton kernels, one ``torch.autograd.Function`` and a plai
 also the CPU path. This package imports torch and triton only, never transformers or ``ragkern``.
 """
 
-from .attention import varlen_attention
+from .attention import BlockTiles, block_tiles, varlen_attention
 from .cross_entropy import fused_linear_cross_entropy
 from .lora import lora_linear
 
-__all__ = ["fused_linear_cross_entropy", "lora_linear", "varlen_attention"]
+__all__ = ["BlockTiles", "block_tiles", "fused_linear_cross_entropy", "lora_linear", "varlen_attention"]

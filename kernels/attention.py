@@ -22,6 +22,7 @@ is computed from its own tokens only (bit-for-bit independent of its neighbours)
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -502,24 +503,39 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ block-mask tile lists
 
+# (cnt (n, rows, 2), idx (n, rows, cols), tiles_q, tiles_k)
+_TileList = tuple[torch.Tensor, torch.Tensor, int, int]
+_BIG = 2**31  # above every passage id
 
-def _tile_stats(cu_seqlens: torch.Tensor, block_ids: torch.Tensor, tiles: int, size: int) -> torch.Tensor:
-    """(n, tiles, 3) int64 per tile of ``size`` tokens of each example: [any global token, min passage id,
-    max passage id] (passage ids > 0; an empty tile or one without passages has min > max). Device ops only."""
+
+def _tile_stats(
+    cu_seqlens: torch.Tensor, block_ids: torch.Tensor, max_seqlen: int, sizes: set[int]
+) -> dict[int, torch.Tensor]:
+    """For each tile size: (n, cdiv(max_seqlen, size), 3) int64 per tile of each example: [any global token,
+    min passage id, max passage id] (an empty tile or one without passages has min > max).
+
+    One scatter at the sizes' gcd, then a reshape-max per size (sizes are powers of 2). Device ops only.
+    """
+    fine_size, top = math.gcd(*sizes), max(sizes)
+    fine = triton.cdiv(max(max_seqlen, 1), top) * (top // fine_size)  # a whole number of every coarser tile
     n = cu_seqlens.numel() - 1
-    total = block_ids.shape[0]
-    tok = torch.arange(total, device=block_ids.device, dtype=torch.int32)
+    tok = torch.arange(block_ids.shape[0], device=block_ids.device, dtype=torch.int32)
     ex = torch.searchsorted(cu_seqlens[1:], tok, right=True)  # example of each token
-    tile = (tok - cu_seqlens[ex]).long() // size
-    flat = ex * tiles + tile.clamp_(max=tiles - 1)
+    flat = ex * fine + ((tok - cu_seqlens[ex]) // fine_size).clamp_(max=fine - 1)
     b = block_ids.long()
-    big = 2**31
-    stats = torch.stack([torch.zeros(n * tiles, dtype=torch.long, device=b.device)] * 3, 1)
-    stats[:, 1] = big
-    stats[:, 0].scatter_reduce_(0, flat, (b == 0).long(), "amax")
-    stats[:, 1].scatter_reduce_(0, flat, torch.where(b > 0, b, big), "amin")
-    stats[:, 2].scatter_reduce_(0, flat, torch.where(b > 0, b, 0), "amax")
-    return stats.view(n, tiles, 3)
+    passage = b > 0
+    # one "amax" scatter for all three: the min passage id is kept negated
+    vals = torch.stack([(b == 0).long(), torch.where(passage, -b, -_BIG), torch.where(passage, b, 0)], 1)
+    stats = torch.zeros(n * fine, 3, dtype=torch.long, device=b.device)
+    stats[:, 1] = -_BIG
+    stats.scatter_reduce_(0, flat.long()[:, None].expand(-1, 3), vals, "amax")
+    out = {}
+    for size in sizes:
+        tiles = triton.cdiv(max(max_seqlen, 1), size)
+        s = stats.view(n, fine * fine_size // size, size // fine_size, 3).amax(2)[:, :tiles]
+        s[..., 1].neg_()
+        out[size] = s
+    return out
 
 
 def _tile_lists(
@@ -530,7 +546,8 @@ def _tile_lists(
     bq: int,
     bk: int,
     key_major: bool,
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    stats: dict[int, torch.Tensor] | None = None,
+) -> _TileList:
     """FlexAttention-style lists of the tiles a block-masked kernel visits, built on the device (no host sync).
 
     Query tiles of ``bq`` tokens against key tiles of ``bk`` tokens, per example. A pair is *empty* (skipped) when
@@ -538,13 +555,16 @@ def _tile_lists(
     ids: a conservative test), *full* when every query sees every key and the looped-over tile lies inside the
     example (no mask at all), *partial* otherwise (element mask). For each query tile (key_major=False: forward
     and dQ) or key tile (key_major=True: dK/dV), ``idx`` lists the first tokens of the partial tiles of the other
-    side, then those of the full ones, ascending; ``cnt`` holds (#partial, #full).
+    side, then those of the full ones, ascending; ``cnt`` holds (#partial, #full). ``stats``: from
+    :func:`_tile_stats` for (at least) sizes ``bq`` and ``bk``, to share them between lists.
 
     Returns (cnt (n, rows, 2) int32, idx (n, rows, cols) int32, tiles_q, tiles_k).
     """
+    if stats is None:
+        stats = _tile_stats(cu_seqlens, block_ids, max_seqlen, {bq, bk})
     tq, tk = triton.cdiv(max(max_seqlen, 1), bq), triton.cdiv(max(max_seqlen, 1), bk)
-    sq = _tile_stats(cu_seqlens, block_ids, tq, bq)[:, :, None, :]  # (n, tq, 1, 3)
-    sk = _tile_stats(cu_seqlens, block_ids, tk, bk)[:, None, :, :]  # (n, 1, tk, 3)
+    sq = stats[bq][:, :, None, :]  # (n, tq, 1, 3)
+    sk = stats[bk][:, None, :, :]  # (n, 1, tk, 3)
     dev = block_ids.device
     L = (cu_seqlens[1:] - cu_seqlens[:-1]).long()[:, None, None]  # (n, 1, 1)
     qs = (torch.arange(tq, device=dev) * bq)[None, :, None]  # first query of the tile
@@ -575,18 +595,119 @@ def _tile_lists(
     return cnt.contiguous(), first.to(torch.int32).contiguous(), tq, tk
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids):
+def _source(cu_seqlens: torch.Tensor, block_ids: torch.Tensor) -> tuple[int, ...]:
+    """What a BlockTiles was built from: storage and in-place version of both tensors (host metadata only)."""
+    return (cu_seqlens.data_ptr(), cu_seqlens._version, block_ids.data_ptr(), block_ids._version)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTiles:
+    """The tile lists the Triton kernels visit for one block-masked packed row, at one kernel configuration
+    (head_dim, dtype, device, causal, max_seqlen). Build it with :func:`block_tiles` once per batch and pass it to
+    every layer's :func:`varlen_attention`: every forward and backward then reads these lists and builds none.
+
+    Each list is (cnt ``(n, rows, 2)`` int32, idx ``(n, rows, cols)`` int32, tiles_q, tiles_k) (see
+    ``_tile_lists``): ``fwd`` and ``dq`` query-major, ``dkdv`` key-major; ``dkdv``/``dq`` are None when built
+    with ``backward=False``.
+    """
+
+    fwd: _TileList
+    dkdv: _TileList | None
+    dq: _TileList | None
+    configs: tuple[_Config, _Config, _Config]  # (fwd, dkdv, dq) tiles the lists were cut for
+    causal: bool
+    max_seqlen: int
+    source: tuple[int, ...]  # _source(cu_seqlens, block_ids) at build time
+
+
+def _build_tiles(cu_seqlens, block_ids, max_seqlen, causal, cfgs, backward) -> BlockTiles:
+    """All lists of a row from one stats pass; configs with the same tiles share a list (fwd and dQ often do)."""
+    kinds = {"fwd": False, "dkdv": True, "dq": False} if backward else {"fwd": False}
+    specs = {name: (cfgs[name].block_m, cfgs[name].block_n, key_major) for name, key_major in kinds.items()}
+    sizes = {size for bq, bk, _ in specs.values() for size in (bq, bk)}
+    stats = _tile_stats(cu_seqlens, block_ids, max_seqlen, sizes)
+    built: dict[tuple, _TileList] = {}
+    for spec in specs.values():
+        if spec not in built:
+            built[spec] = _tile_lists(cu_seqlens, block_ids, max_seqlen, causal, *spec, stats=stats)
+    lists = {name: built[spec] for name, spec in specs.items()}
+    return BlockTiles(
+        lists["fwd"],
+        lists.get("dkdv"),
+        lists.get("dq"),
+        (cfgs["fwd"], cfgs["dkdv"], cfgs["dq"]),
+        bool(causal),
+        int(max_seqlen),
+        _source(cu_seqlens, block_ids),
+    )
+
+
+def block_tiles(
+    cu_seqlens: torch.Tensor,
+    block_ids: torch.Tensor,
+    max_seqlen: int,
+    *,
+    head_dim: int,
+    dtype: torch.dtype,
+    causal: bool = True,
+    backward: bool = True,
+) -> BlockTiles:
+    """The block-mask tile lists of one packed row, for :func:`varlen_attention`'s ``block_tiles``.
+
+    Built on the row's device with a fixed number of torch ops (no host sync, no loop over tiles): call it once
+    per batch, outside the layers, and hand the result to every layer (forward, backward and any recompute under
+    gradient checkpointing); building per call costs a hundred or so small launches each time.
+
+    Args:
+        cu_seqlens: ``(n + 1,)`` int32 example offsets (the tensor the layers will pass).
+        block_ids: ``(total,)`` int32 passage ids (the tensor the layers will pass; an in-place edit afterwards
+            makes the lists stale, and varlen_attention refuses them).
+        max_seqlen: the ``max_seqlen`` the layers will pass (it sizes the lists).
+        head_dim, dtype: of q, k, v: they choose the kernels' tiles (and so the lists).
+        causal: as the layers will call.
+        backward: also build the dK/dV and dQ lists (False: forward-only use, e.g. inference).
+    """
+    if triton is None:
+        raise RuntimeError("block_tiles serves the Triton kernels: install triton (pip install triton)")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor of n+1 offsets; got {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}"
+        )
+    if block_ids.dtype != torch.int32 or block_ids.dim() != 1:
+        raise ValueError(
+            f"block_ids must be a 1-D int32 tensor; got {block_ids.dtype} {tuple(block_ids.shape)}."
+        )
+    if block_ids.device != cu_seqlens.device:
+        raise ValueError(f"block_ids is on {block_ids.device}, cu_seqlens on {cu_seqlens.device}")
+    if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, numbers.Integral):
+        raise ValueError(f"max_seqlen must be a Python int, not {type(max_seqlen).__name__}")
+    cfgs = _configs(head_dim, dtype, block_ids.device)
+    return _build_tiles(cu_seqlens, block_ids, int(max_seqlen), causal, cfgs, backward)
+
+
+def _check_tiles(tiles: BlockTiles, q, cu_seqlens, max_seqlen, causal, block_ids) -> None:
+    """Refuse lists built for another row or configuration: they would read out of range or mask wrongly."""
+    if block_ids is None:
+        raise ValueError("block_tiles was given without block_ids; pass the block_ids it was built from")
+    cfgs = _configs(q.shape[2], q.dtype, q.device)
+    built = (tiles.configs, tiles.causal, tiles.max_seqlen, tiles.source)
+    configs = (cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
+    want = (configs, bool(causal), int(max_seqlen), _source(cu_seqlens, block_ids))
+    if built != want:
+        raise ValueError(
+            "block_tiles was built for another row or configuration (configs, causal, max_seqlen, source): "
+            f"{built} != {want}; build it with block_tiles(cu_seqlens, block_ids, max_seqlen, head_dim=q.shape[2], "
+            "dtype=q.dtype, causal=causal) from the tensors passed here, after any in-place edit"
+        )
+
+
+def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles):
     total, Hq, D = q.shape
     cfg = _configs(D, q.dtype, q.device)["fwd"]
     o = torch.empty_like(q)
     lse = torch.empty((Hq, total), dtype=torch.float32, device=q.device)  # log2 units
     n = cu_seqlens.numel() - 1
-    if block_ids is not None:
-        cnt, idx, tq, tk = _tile_lists(
-            cu_seqlens, block_ids, max_seqlen, causal, cfg.block_m, cfg.block_n, False
-        )
-    else:
-        cnt, idx, tq, tk = cu_seqlens, cu_seqlens, 0, 0
+    cnt, idx, tq, tk = tiles.fwd if block_ids is not None else (cu_seqlens, cu_seqlens, 0, 0)
     grid = (triton.cdiv(max(max_seqlen, 1), cfg.block_m), n, Hq)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens, block_ids if block_ids is not None else cu_seqlens, cnt, idx, scale * _LOG2E,
@@ -599,7 +720,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_ids):
+def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles):
     total, Hq, D = q.shape
     Hkv = k.shape[1]
     cfgs = _configs(D, q.dtype, q.device)
@@ -614,13 +735,11 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def lists(cfg, key_major):
-        if block_ids is None:
-            return cu_seqlens, cu_seqlens, 0, 0
-        return _tile_lists(cu_seqlens, block_ids, max_seqlen, causal, cfg.block_m, cfg.block_n, key_major)
+    def lists(kind):
+        return (cu_seqlens, cu_seqlens, 0, 0) if block_ids is None else getattr(tiles, kind)
 
     cfg = cfgs["dkdv"]
-    cnt, idx, tq, tk = lists(cfg, True)
+    cnt, idx, tq, tk = lists("dkdv")
     _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_n), n, Hkv)](
         q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -629,7 +748,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )  # fmt: skip
     cfg = cfgs["dq"]
-    cnt, idx, tq, tk = lists(cfg, False)
+    cnt, idx, tq, tk = lists("dq")
     _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_m), n, Hq)](
         q, k, v, do, dq, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -642,16 +761,20 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles):
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-        o, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids)
+        o, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, block_ids)
-        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        ctx.max_seqlen, ctx.causal, ctx.scale, ctx.tiles = max_seqlen, causal, scale, tiles
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens, block_ids = ctx.saved_tensors
+        tiles = ctx.tiles
+        if block_ids is not None and tiles.dq is None:  # built forward-only: the lists of the backward now
+            cfgs = _configs(q.shape[2], q.dtype, q.device)
+            tiles = _build_tiles(cu_seqlens, block_ids, ctx.max_seqlen, ctx.causal, cfgs, True)
         dq, dk, dv = _backward(
             _last_dim_contiguous(do),
             q,
@@ -664,8 +787,9 @@ class _VarlenAttention(torch.autograd.Function):
             ctx.causal,
             ctx.scale,
             block_ids,
+            tiles,
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _check_inputs(
@@ -794,6 +918,7 @@ def varlen_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     block_ids: torch.Tensor | None = None,
+    block_tiles: BlockTiles | None = None,
     backend: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
@@ -807,6 +932,9 @@ def varlen_attention(
         causal: mask keys after the query.
         softmax_scale: defaults to ``D ** -0.5``.
         block_ids: optional ``(total,)`` int32 passage ids (see the module docstring).
+        block_tiles: the Triton path's tile lists for these ``cu_seqlens``/``block_ids``, from
+            :func:`block_tiles`, built once per batch and shared by every layer and the backward. Without it each
+            call builds its own (a hundred or so small device ops per call). Ignored by the torch backend.
         backend: ``"torch"`` (the exact per-example reference), ``"triton"`` or ``"auto"``
             (Triton on CUDA, torch elsewhere).
         validate: check the values of ``cu_seqlens`` (starts at 0, ends at ``total``, non-decreasing, no example
@@ -831,8 +959,14 @@ def varlen_attention(
                 " e.g. 64, 80, 96, 128, 256); use backend='torch'"
             )
         scale = softmax_scale if softmax_scale is not None else q.shape[2] ** -0.5
+        if block_ids is not None and block_tiles is None:  # built here, once for this call's fwd and bwd
+            backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            cfgs = _configs(D, q.dtype, q.device)
+            block_tiles = _build_tiles(cu_seqlens, block_ids, int(max_seqlen), causal, cfgs, backward)
+        elif block_tiles is not None:
+            _check_tiles(block_tiles, q, cu_seqlens, max_seqlen, causal, block_ids)
         return _VarlenAttention.apply(
-            q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(scale), block_ids
+            q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(scale), block_ids, block_tiles
         )
     return varlen_attention_reference(
         q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale, block_ids=block_ids

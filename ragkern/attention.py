@@ -16,6 +16,10 @@ Dispatch for packed rows::
     CPU                                        -> exact attention example by example
 
 Padded batches and decoding with a KV cache (query shorter than keys) run SDPA with an explicit mask.
+
+Block-masked packed rows on the Triton path build their tile lists (``block_tiles``) in the first layer of a
+forward and reuse them in every other layer, the backward and checkpointed recomputes (memoised on the batch's
+``block_ids`` and ``cu_seq_lens_q`` tensors): no per-layer metadata work, no host sync.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ragkern.kernels.attention import varlen_attention
+from ragkern.kernels import attention as _kernel
+from ragkern.kernels.attention import BlockTiles, block_tiles, varlen_attention
 from ragkern.packing import cu_seqlens_from_position_ids
 
 try:  # optional: the `gpu` extra
@@ -88,6 +94,48 @@ def _checked_longest(cu_q: torch.Tensor, cu_k: torch.Tensor | None) -> int | Non
     return entry[3]
 
 
+# Block-mask tile lists of the rows being run: the batch's block_ids tensor -> {(cu_seq_lens_q id, versions, kernel
+# configuration): (ref to cu_seq_lens_q, offsets and block ids on the device, their BlockTiles)}. The first layer of
+# a forward builds them; the other layers, the backward and checkpointed recomputes reuse them. An entry dies with
+# its batch.
+_row_tiles: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _triton_path(q: torch.Tensor) -> bool:
+    """Whether a block-masked packed row runs ragkern's Triton kernel (CUDA with triton installed)."""
+    return q.is_cuda and _kernel.triton is not None
+
+
+def _block_row(
+    block_arg: torch.Tensor,
+    cu_arg: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    causal: bool,
+    q: torch.Tensor,
+    backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, BlockTiles]:
+    """A packed row's int32 offsets ``(n + 1,)`` and block ids ``(T,)`` on q's device, and their tile lists, built
+    once per batch: keyed on the batch's ``block_ids`` and ``cu_seq_lens_q`` tensors (identity and in-place
+    version) and the kernel configuration. ``backward``: the lists of the backward are needed too."""
+    config = (max_len, bool(causal), q.shape[2], q.dtype, q.device)
+    key = (id(cu_arg), cu_arg._version, block_arg._version, *config)
+    entries = _row_tiles.get(block_arg)
+    if entries is None:
+        entries = _row_tiles[block_arg] = {}
+    hit = entries.get(key)
+    if hit is not None and hit[0]() is cu_arg and (hit[3].dq is not None or not backward):
+        return hit[1], hit[2], hit[3]
+    # detached: a plain reshape would keep block_arg as its _base, and the entry (the value) its own key alive
+    blk = block_arg.detach().reshape(-1).to(device=q.device, dtype=torch.int32)
+    D = q.shape[2]
+    tiles = block_tiles(cu, blk, max_len, head_dim=D, dtype=q.dtype, causal=causal, backward=backward)
+    if len(entries) > 8:
+        entries.clear()
+    entries[key] = (weakref.ref(cu_arg), cu, blk, tiles)
+    return cu, blk, tiles
+
+
 def _unsupported(module: torch.nn.Module, longest: int, dropout: float, kwargs: dict) -> None:
     """Raise for model features this path cannot honour rather than compute something else."""
     window = kwargs.get("sliding_window")
@@ -120,8 +168,9 @@ def _packed_attention(
     causal: bool,
     scale: float | None,
     block_ids: torch.Tensor | None,
+    tiles: BlockTiles | None = None,
 ) -> torch.Tensor:
-    """q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``."""
+    """q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``; ``tiles``: the row's prebuilt block-mask lists."""
     if not q.is_cuda and torch.compiler.is_compiling():
         # the exact CPU path reads the offsets on the host; a compiled graph cannot: mask the row instead
         return _row_masked_sdpa(q, k, v, cu_seqlens, causal=causal, scale=scale, block_ids=block_ids)
@@ -138,7 +187,8 @@ def _packed_attention(
         causal=causal,
         softmax_scale=scale,
         block_ids=block_ids,
-        backend="auto",
+        block_tiles=tiles,
+        backend="triton" if tiles is not None else "auto",  # tiles are built for the Triton path only
         validate=False,  # the offsets were checked once per row (check_packed_row) or built here
     )
 
@@ -238,6 +288,7 @@ def ragkern_attention_forward(
     causal = getattr(module, "is_causal", True) if causal is None else causal
     cu = kwargs.get("cu_seq_lens_q")
     block_ids = kwargs.get("block_ids")
+    packed = cu is not None  # boundaries from the collator: the same tensors in every layer of the forward
 
     if cu is not None:
         if B != 1 or Q != K:
@@ -271,9 +322,14 @@ def ragkern_attention_forward(
     q = query.transpose(1, 2).reshape(B * Q, Hq, D)  # (T, Hq, D)
     k = key.transpose(1, 2).reshape(B * K, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * K, value.shape[1], D)
-    if block_ids is not None:
+    tiles = None
+    if block_ids is not None and packed and _triton_path(q) and not torch.compiler.is_compiling():
+        grads = module.training or torch.is_grad_enabled()
+        cu, block_ids, tiles = _block_row(block_ids, kwargs["cu_seq_lens_q"], cu, max_len, causal, q, grads)
+    elif block_ids is not None:
         block_ids = block_ids.reshape(-1).to(device=query.device, dtype=torch.int32)
-    out = _packed_attention(q, k, v, cu, max_len, causal=causal, scale=scaling, block_ids=block_ids)
+    opts = dict(causal=causal, scale=scaling, block_ids=block_ids, tiles=tiles)
+    out = _packed_attention(q, k, v, cu, max_len, **opts)
     return out.reshape(B, Q, Hq, D), None
 
 

@@ -201,6 +201,8 @@ def _case_lines(part: str, name: str, case: dict) -> list[str]:
             b = impls[best]
             parts.append(f"best peer {best} {b['median_ms']:.3f} ms {_fmt_bytes(b.get('peak_mem_bytes'))}")
         parts.append(sp)
+    if "metadata_build_ms" in case:
+        parts.append(f"tile lists {case['metadata_build_ms']:.3f} ms once per batch")
     broken = [n for n, r in impls.items() if r["status"] == "error"] + case.get("peers_disagreeing", [])
     if broken:
         parts.append(f"(not compared: {', '.join(broken)})")

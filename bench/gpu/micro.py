@@ -1,7 +1,10 @@
 """Microbenchmarks, forward + backward, each against the peers installed in the same run:
 
 - attention on one 16k-token packed row of RAG lengths (``rag.packed_row``), bf16, 32 query / 8 kv heads,
-  head_dim 64 and 128, with and without passage block masks: ragkern's Triton kernel vs SDPA (flash backend)
+  head_dim 64 and 128, with and without passage block masks: ragkern's Triton kernel called as every layer calls it
+  in training (``validate=False``; with blocks, the tile lists built once per batch, outside the timed call, and
+  their build timed on its own as ``metadata_build_ms``; ``ragkern_triton_tiles_per_call`` rebuilds them in every
+  call, as before they were shared) vs SDPA (flash backend)
   example by example, FlexAttention (compiled) with a document mask (and the passage rule), torch's
   ``varlen_attn`` when the installed torch has it; with blocks, SDPA example by example with a dense mask;
 - fused linear cross-entropy, D=4096, V=128,256, 16k rows of which 1k or 16k are targets, bf16: ragkern vs
@@ -136,8 +139,9 @@ def _varlen_kwargs(fn: Callable, Hq: int, Hkv: int) -> tuple[dict, bool]:
 
 
 def attention_bench(ctx: Ctx, head_dim: int, blocks: bool) -> dict:
-    from ragkern.kernels import varlen_attention
+    from ragkern.kernels import block_tiles, varlen_attention
     from ragkern.kernels.attention import block_mask
+    from ragkern.kernels.attention import triton as have_triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     total = 256 if ctx.dry else 16384
@@ -160,10 +164,26 @@ def attention_bench(ctx: Ctx, head_dim: int, blocks: bool) -> dict:
 
     impls: dict = {}
     lq, lk, lv = (_leaf(x) for x in (q, k, v))
+    backend = "triton" if ctx.cuda else "torch"
+
+    def build():  # once per batch in training (the first layer), shared by every layer's forward and backward
+        return block_tiles(cu, blk, max(lengths), head_dim=D, dtype=torch.bfloat16)
+
+    tiles = build() if blocks and have_triton is not None else None
     impls["ragkern_triton" if ctx.cuda else "ragkern_torch"] = dict(
         ours=True, leaves=[lq, lk, lv], grad=do, check=lambda o: {"out": o},
-        fwd=lambda: varlen_attention(lq, lk, lv, cu, max(lengths), block_ids=blk, backend="triton" if ctx.cuda else "torch"),
+        fwd=lambda: varlen_attention(lq, lk, lv, cu, max(lengths), block_ids=blk, block_tiles=tiles, backend=backend,
+                                     validate=False),
+        note="as a layer in training: validate=False (rows checked once per batch)"
+        + ("; block tile lists prebuilt once per batch (metadata_build_ms)" if blocks and ctx.cuda else ""),
     )  # fmt: skip
+    if blocks and ctx.cuda:
+        pq, pk, pv = (_leaf(x) for x in (q, k, v))
+        impls["ragkern_triton_tiles_per_call"] = dict(
+            ours=True, leaves=[pq, pk, pv], grad=do, check=lambda o: {"out": o}, compiles=False,
+            fwd=lambda: varlen_attention(pq, pk, pv, cu, max(lengths), block_ids=blk, backend="triton", validate=False),
+            note="tile lists rebuilt in every call (the forward's and the backward's): the cost before they were shared",
+        )  # fmt: skip
     # SDPA, one example at a time (what an unpacked batch of one runs)
     bq, bk, bv = bhtd(q), bhtd(k), bhtd(v)
     ek, ev = (
@@ -259,6 +279,9 @@ def attention_bench(ctx: Ctx, head_dim: int, blocks: bool) -> dict:
     res = _measure(ctx, impls, flops, agree_tol=5e-2)
     if ctx.warm:
         return {}
+    if tiles is not None:  # the once-per-batch build, timed alone (CPU wall clock in a dry run)
+        res["metadata_build_ms"] = ctx.time_ms(build)["median_ms"]
+        res["metadata_build_note"] = "block_tiles(): fwd, dK/dV and dQ tile lists, built once per batch"
     return {"shape": {"tokens": total, "examples": len(lengths), "max_len": max(lengths), "Hq": Hq, "Hkv": Hkv,
                       "head_dim": D, "blocks": blocks, "visible_pairs": pairs, "dtype": "bf16"},
             "flops": flops, "backward": bw, **res}  # fmt: skip

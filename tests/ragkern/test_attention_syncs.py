@@ -6,6 +6,8 @@ while the "ragkern" attention runs, with the kernel itself replaced by a stub th
 host, as the Triton kernel does on a GPU.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -138,3 +140,86 @@ def test_packed_forward_compiles_as_one_graph(blocks):
         eager = model(**batch, use_cache=False).logits
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**batch, use_cache=False).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def block_batch(seed=5, lengths=(7, 3, 12, 5)):
+    """A packed row whose examples each hold a passage block in the middle, labels kept."""
+    examples = random_examples(list(lengths), seed=seed)
+    for ex in examples:
+        n = len(ex["input_ids"])
+        ex["block_ids"] = [0] * (n // 3) + [1] * (n // 3) + [0] * (n - 2 * (n // 3))
+    return PackingCollator(block_attention=True)(examples)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_checkpointing"])
+def test_block_rows_build_tile_lists_once_per_batch(spy, monkeypatch, checkpointing):
+    """On the Triton path the first layer builds the row's block-mask tile lists and every other layer, and a
+    recompute under gradient checkpointing, gets the very same lists (and offsets, block ids); no layer reads a
+    value back to the host. A new batch builds its own."""
+    builds, seen = [], []
+    real = ragkern.attention.block_tiles
+
+    def counted(*a, **kw):
+        builds.append(kw["head_dim"])
+        return real(*a, **kw)
+
+    def kernel(q, k, v, cu_seqlens, max_seqlen, **kw):
+        seen.append((kw["block_tiles"], kw["block_ids"], cu_seqlens))
+        return q * 1.0  # differentiable, computes nothing on the host
+
+    monkeypatch.setattr(ragkern.attention, "block_tiles", counted)
+    monkeypatch.setattr(ragkern.attention, "_triton_path", lambda q: True)
+    monkeypatch.setattr(ragkern.attention, "varlen_attention", kernel)
+    model = tiny_model("llama", num_hidden_layers=4)
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch = block_batch()
+    cu = batch["cu_seq_lens_q"]
+    ragkern.attention.check_packed_row(
+        cu, batch["cu_seq_lens_k"], batch["input_ids"].shape[1], batch["max_length_q"]
+    )
+    spy.clear()
+    model(**batch).loss.backward()
+    assert len(spy) == (8 if checkpointing else 4) and all(copies == [] for copies in spy)
+    assert builds == [16] and len(seen) == len(spy)
+    assert all(all(a is b for a, b in zip(s, seen[0])) for s in seen)
+    model(**batch).loss.backward()  # the same batch again: still built
+    assert builds == [16]
+    model(**block_batch(seed=6)).loss.backward()
+    assert builds == [16, 16] and seen[-1][0] is not seen[0][0]
+
+
+def test_block_rows_edited_in_place_get_new_tile_lists(spy, monkeypatch):
+    builds = []
+    real = ragkern.attention.block_tiles
+    monkeypatch.setattr(ragkern.attention, "block_tiles", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ragkern.attention, "_triton_path", lambda q: True)
+    monkeypatch.setattr(ragkern.attention, "varlen_attention", lambda q, *a, **kw: q * 1.0)
+    model = tiny_model("llama", num_hidden_layers=2)
+    batch = block_batch()
+    batch.pop("labels")
+    with torch.no_grad():
+        model(**batch)
+        batch["block_ids"][0, :3] = 2  # a new passage: the lists built for the old ids are stale
+        model(**batch)
+    assert builds == [1, 1]
+
+
+def test_tile_lists_die_with_their_batch(spy, monkeypatch):
+    """The memo holds no reference to the batch: once the batch is gone, so are its lists."""
+    monkeypatch.setattr(ragkern.attention, "_triton_path", lambda q: True)
+    monkeypatch.setattr(ragkern.attention, "varlen_attention", lambda q, *a, **kw: q * 1.0)
+    model = tiny_model("llama", num_hidden_layers=2)
+    batch = block_batch()
+    batch.pop("labels")
+    batch["block_ids"] = batch["block_ids"].clone()  # not a view, as after the move to the GPU
+    with torch.no_grad():
+        model(**batch)
+    assert len(ragkern.attention._row_tiles) == 1
+    del batch
+    gc.collect()
+    assert len(ragkern.attention._row_tiles) == 0

@@ -125,3 +125,29 @@ def test_reuse_errors():
         segments_from_block_ids([1, 2, 3, 4], [1, 0, 1, 0])
     with pytest.raises(ValueError, match="passage block 2 appears in two separate spans"):
         PackingCollator(block_attention=True)([{"input_ids": [1, 2, 3, 4], "block_ids": [0, 2, 0, 2]}])
+
+
+def test_triton_block_path_matches_the_torch_path(monkeypatch, one_thread):
+    """A 3-layer tiny Llama on a block-masked packed row, its attention on the Triton kernels (interpreter) with
+    the tile lists built once for the batch: loss and every parameter gradient equal the exact torch path's."""
+    import ragkern.attention
+    from tests.ragkern.test_attention_syncs import block_batch
+
+    batch = block_batch(lengths=(19, 3, 26, 11))
+
+    def run():
+        model = tiny_model("llama", num_hidden_layers=3).train()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    want_loss, want = run()
+    builds = []
+    real = ragkern.attention.block_tiles
+    monkeypatch.setattr(ragkern.attention, "block_tiles", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ragkern.attention, "_triton_path", lambda q: True)
+    got_loss, got = run()
+    assert builds == [1]
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
