@@ -1,8 +1,8 @@
-"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T`` without materialising the logits.
+"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T`` without the logits of all tokens at once.
 
 For every token i with a target (``labels[i] != ignore_index``)::
 
-    z      = hidden[i] @ weight.T + bias                 (V,)   fp32, one block of tokens/vocab at a time
+    z      = hidden[i] @ weight.T + bias                 (V,)   accumulated in fp32
     s      = softcap * tanh(z / softcap)                        if softcap else z
     lse    = log(sum_j exp(s_j))
     ce     = lse - (1 - eps) * s[y] - eps / V * sum_j s_j        eps = label_smoothing (as F.cross_entropy)
@@ -24,9 +24,12 @@ Two designs (``impl``), three paths:
     reused by every chunk; one kernel per chunk (``_flce_rows_kernel``, a program per row) reads the row twice
     (online log-sum-exp in fp32, then the gradient) and writes ``d loss / d z`` in place over the logits, in
     the compute dtype; ``dW`` accumulates in fp32 (cuBLAS with an fp32 output where torch has it, else each
-    chunk's product rounded once to the compute dtype and added in fp32). Every step is a cuBLAS GEMM or a
-    kernel without atomics, in a fixed chunk order: deterministic (cuBLAS under
-    ``torch.use_deterministic_algorithms`` needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, as every nn.Linear does).
+    chunk's product rounded once to the compute dtype and added in fp32). Memory beyond the inputs: the
+    buffer, fp32 ``dW`` (V, D), ``dh`` (N, D), and on the fallback a ``(V, D)`` product per chunk. The logits
+    and their gradient are rounded to the compute dtype (as ``F.linear`` logits are; in fp16 a logit past
+    65504 overflows). Every step is a cuBLAS GEMM or a kernel without atomics, in a fixed chunk order:
+    deterministic (cuBLAS under ``torch.use_deterministic_algorithms`` needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
+    as every nn.Linear does). fp32 GEMMs follow torch's matmul precision (TF32 where torch allows it).
 - fused (``impl="fused"``, triton only), n target rows, three kernels, no N x V buffer and no atomics (so
   deterministic); it recomputes the logits in each kernel (5 GEMM-equivalents, Triton tiles)::
 
