@@ -25,7 +25,7 @@ Two designs (``impl``), three paths:
     (online log-sum-exp in fp32, then the gradient) and writes ``d loss / d z`` in place over the logits, in
     the compute dtype; ``dW`` accumulates in fp32 (cuBLAS with an fp32 output where torch has it, else each
     chunk's product rounded once to the compute dtype and added in fp32). Memory beyond the inputs: the
-    buffer, fp32 ``dW`` (V, D), ``dh`` (N, D), and on the fallback a ``(V, D)`` product per chunk. The logits
+    buffer, fp32 ``dW`` (V, D), ``dh`` (N, D), and on the fallback a product of at most 256 MiB. The logits
     and their gradient are rounded to the compute dtype (as ``F.linear`` logits are; in fp16 a logit past
     65504 overflows). Every step is a cuBLAS GEMM or a kernel without atomics, in a fixed chunk order:
     deterministic (cuBLAS under ``torch.use_deterministic_algorithms`` needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
@@ -434,7 +434,7 @@ _FP32_ADDMM: dict[str, bool] = {}  # device type -> whether torch.addmm takes ou
 def _add_grad_weight(gw: torch.Tensor, ds: torch.Tensor, h: torch.Tensor) -> None:
     """``gw (V, D) fp32 += ds.T @ h`` for ``ds (C, V)``, ``h (C, D)`` in the compute dtype: in the GEMM's fp32
     output where torch offers it (cuBLAS, recent torch), else the chunk's product is rounded once to the compute
-    dtype (a ``(V, D)`` temporary) and added in fp32."""
+    dtype and added in fp32, in vocabulary slices whose product stays within ``_CHUNK_BYTES``."""
     if ds.dtype == gw.dtype:
         gw.addmm_(ds.T, h)
         return
@@ -449,8 +449,10 @@ def _add_grad_weight(gw: torch.Tensor, ds: torch.Tensor, h: torch.Tensor) -> Non
             _FP32_ADDMM[kind] = False
     if _FP32_ADDMM[kind]:
         torch.addmm(gw, ds.T, h, out_dtype=torch.float32, out=gw)
-    else:
-        gw += ds.T @ h
+        return
+    step = max(1, _CHUNK_BYTES // (h.shape[1] * h.element_size()))  # Llama-3 bf16: 32768 vocab rows
+    for v0 in range(0, gw.shape[0], step):
+        gw[v0 : v0 + step] += ds[:, v0 : v0 + step].T @ h
 
 
 def _triton_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, need):
