@@ -440,11 +440,11 @@ def _add_grad_weight(gw: torch.Tensor, ds: torch.Tensor, h: torch.Tensor) -> Non
         return
     kind = ds.device.type
     if kind not in _FP32_ADDMM:
-        probe = torch.zeros(2, 2, device=ds.device)
+        probe = torch.ones(2, 2, device=ds.device)
         one = torch.ones(2, 2, device=ds.device, dtype=ds.dtype)
-        try:
+        try:  # once per process and device type: 1 + (1 1).(1 1) = 3 proves the fp32 self is added in place
             torch.addmm(probe, one, one, out_dtype=torch.float32, out=probe)
-            _FP32_ADDMM[kind] = True
+            _FP32_ADDMM[kind] = bool((probe == 3).all())
         except (RuntimeError, TypeError, NotImplementedError):
             _FP32_ADDMM[kind] = False
     if _FP32_ADDMM[kind]:
