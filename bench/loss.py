@@ -18,6 +18,13 @@ bound on DRAM traffic); each atomic also moves 8 bytes. "skip" is the fraction o
 gradient filtering drops (data-dependent: 0 for a flat softmax, most tiles once the model is trained).
 
     python bench/loss.py --model-only     # the model alone, printed, nothing written
+
+``--impls`` times the three ways the loss can run on a CPU, bf16, at a small shape (IMPL_SHAPE, a tenth of the
+targets of a packed RAFT row): impl="chunked" on the torch backend (what impl="auto" runs on CPU), and under
+``TRITON_INTERPRET=1`` impl="chunked" with its Triton row kernel and impl="fused"; printed, nothing written. It
+decides impl="auto" on CPU (the Triton kernels exist there only as the interpreter).
+
+    python bench/loss.py --impls --threads 1
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ from _common import write_results  # noqa: E402
 
 SHAPES = [dict(N=8192, H=512, V=32000), dict(N=4096, H=512, V=128256)]
 METHODS = ("materialised", "fused_torch")
+IMPL_SHAPE = dict(N=2048, H=256, V=32000, targets=205)
+IMPLS = {  # method -> fused_linear_cross_entropy options
+    "chunked_torch": dict(backend="torch", impl="chunked"),
+    "chunked_triton_interpreted": dict(backend="triton", impl="chunked"),
+    "fused_triton_interpreted": dict(backend="triton", impl="fused"),
+}
 
 
 MODEL_SHAPES = [dict(N=1024, V=128256, D=4096), dict(N=16384, V=128256, D=4096)]
@@ -158,19 +171,28 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _child(method: str, N: int, H: int, V: int, repeat: int) -> dict:
+def _child(method: str, N: int, H: int, V: int, repeat: int, threads: int | None = None) -> dict:
+    if method in IMPLS:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
     import torch.nn.functional as F
     from ragkern.kernels import fused_linear_cross_entropy
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
-    hidden = torch.randn(N, H).requires_grad_()
-    weight = (torch.randn(V, H) / H**0.5).requires_grad_()
+    dtype = torch.bfloat16 if method in IMPLS else torch.float32
+    hidden = torch.randn(N, H).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H) / H**0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, V, (N,))
+    if method in IMPLS:
+        labels[torch.randperm(N)[: N - IMPL_SHAPE["targets"]]] = -100
 
     def step():
         if method == "materialised":
             loss = F.cross_entropy(hidden @ weight.T, labels)
+        elif method in IMPLS:
+            loss = fused_linear_cross_entropy(hidden, weight, labels, **IMPLS[method])
         else:
             loss = fused_linear_cross_entropy(hidden, weight, labels, backend="torch")
         loss.backward()
@@ -194,22 +216,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--model-only", action="store_true", help="print the traffic model; measure nothing")
+    ap.add_argument("--impls", action="store_true", help="time impl chunked / fused on CPU (see above)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "N", "H", "V"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         method, *dims = args.child
-        print(json.dumps(_child(method, *map(int, dims), args.repeat)))
+        print(json.dumps(_child(method, *map(int, dims), args.repeat, args.threads)))
         return
     model = traffic_model()
     if args.model_only:
         print_model(model)
+        return
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    if args.impls:
+        print(f"bf16, {IMPL_SHAPE}, threads={args.threads or 'default'}, load {os.getloadavg()[0]:.1f}:")
+        for method in IMPLS:
+            cmd = [sys.executable, __file__, "--repeat", str(args.repeat), *threads, "--child", method]
+            out = subprocess.run(
+                cmd + [str(IMPL_SHAPE[k]) for k in "NHV"], capture_output=True, text=True, check=True
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {method}: {r['seconds']:.3f} s, peak extra {r['peak_extra_mib']:.0f} MiB", flush=True)
         return
 
     results = []
     for shape in SHAPES:
         row = dict(shape, dtype="float32", targets="all tokens")
         for method in METHODS:
-            cmd = [sys.executable, __file__, "--repeat", str(args.repeat), "--child", method]
+            cmd = [sys.executable, __file__, "--repeat", str(args.repeat), *threads, "--child", method]
             out = subprocess.run(
                 cmd + [str(shape[k]) for k in "NHV"], capture_output=True, text=True, check=True
             )

@@ -101,6 +101,7 @@ def _fused_token_loss(
     targets: torch.Tensor,
     with_hits: bool = False,
     label_smoothing: float = 0.0,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, T)`` fp32 loss at each position against ``targets`` (0 where ignored), without the logits, and
     (``with_hits``) the ``(B, T)`` argmax hits of :func:`_argmax_hits`, else None.
@@ -134,6 +135,7 @@ def _fused_token_loss(
         reduction="none",
         softcap=softcap or None,
         label_smoothing=label_smoothing,
+        impl=impl,
     )
     hits = _argmax_hits(hidden, weight, bias, targets) if with_hits else None
     return per_pos.view_as(targets), hits
@@ -173,6 +175,7 @@ def causal_lm_loss(
     fused: bool = True,
     return_hits: bool = False,
     label_smoothing: float = 0.0,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, ...]:
     """Run ``model`` on ``inputs`` and return ``(loss, token_loss)``, or ``(loss, token_loss, hits)``.
 
@@ -187,6 +190,9 @@ def causal_lm_loss(
     on the lm_head weight, LoRA adapters on the lm_head included, Gemma's final_logit_softcapping applied)
     for Llama-, Mistral-, Qwen2/3- and Gemma-family models, peft-wrapped or not. Anything it cannot
     reproduce exactly falls back to the plain path, which materialises the logits, with a one-time log line.
+    ``impl`` is the fused loss's design (``fused_linear_cross_entropy``'s ``impl``): ``"chunked"`` (cuBLAS
+    logits of at most 256 MiB of target rows at a time), ``"fused"`` (Triton kernels that never hold logits;
+    CUDA only) or ``"auto"`` (chunked).
     The fused path never holds the logits, so its ``hits`` come from projecting the target positions' hidden
     states only through the lm_head (no grad, in chunks): cheap when targets are few (RAFT answers), one
     extra lm_head forward when every token is a target (DAP).
@@ -206,7 +212,12 @@ def causal_lm_loss(
     if fused:
         try:
             per_pos, hits = _fused_token_loss(
-                model, model_inputs, targets, with_hits=return_hits, label_smoothing=label_smoothing
+                model,
+                model_inputs,
+                targets,
+                with_hits=return_hits,
+                label_smoothing=label_smoothing,
+                impl=impl,
             )
             token_loss = F.pad(per_pos[:, :-1], (1, 0))  # realign with labels
             hits = None if hits is None else F.pad(hits[:, :-1], (1, 0))

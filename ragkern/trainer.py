@@ -21,6 +21,7 @@ from .collator import PackingCollator, PaddingCollator
 from .data.encode import IGNORE_INDEX
 from .data.prepare import EncodedDataset, EncodeStats, encode_records
 from .data.raft import RaftEpochDataset
+from .kernels.cross_entropy import IMPLS as FUSED_LOSS_IMPLS
 from .loss import causal_lm_loss, logits_token_loss
 from .packing import PackedBatchSampler, PackedIterableDataset, pack_lengths, stream_dataloader
 
@@ -61,7 +62,16 @@ class RagTrainingArguments(TrainingArguments):
     )
     fused_loss: bool = field(
         default=True,
-        metadata={"help": "Use the fused linear + cross-entropy loss (never materialises logits)."},
+        metadata={"help": "Use the fused linear + cross-entropy loss (never materialises the logits of all tokens)."},
+    )
+    fused_loss_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "Design of the fused loss: 'chunked' (logits of <= 256 MiB of target rows at a time on cuBLAS, "
+            "one Triton kernel per chunk for the softmax and its gradient), 'fused' (Triton kernels that never "
+            "hold logits, about 5x slower; CUDA only) or 'auto' (chunked).",
+            "choices": list(FUSED_LOSS_IMPLS),
+        },
     )
     fused_lora: bool | None = field(
         default=None,
@@ -121,6 +131,11 @@ class RagTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"loss_normalization={self.loss_normalization!r} is not one of {LOSS_NORMALIZATIONS}: 'token' "
                 "averages target tokens, 'example' averages examples, 'source' weights sources by source_weights"
+            )
+        if self.fused_loss_impl not in FUSED_LOSS_IMPLS:
+            raise ValueError(
+                f"fused_loss_impl={self.fused_loss_impl!r} is not one of {FUSED_LOSS_IMPLS}: 'chunked' (cuBLAS "
+                "logits per chunk of target rows), 'fused' (no-logits Triton kernels) or 'auto'"
             )
         if isinstance(self.model_init_kwargs, str):
             try:
@@ -860,6 +875,7 @@ class RagTrainer(Trainer):
             fused=self.args.fused_loss,
             return_hits=self._wants_hits(),
             label_smoothing=self.args.label_smoothing_factor,
+            impl=self.args.fused_loss_impl,
         )
         in_step = num_items_in_batch is not None
         per_token = self.args.loss_normalization == "token"
@@ -925,6 +941,7 @@ class RagTrainer(Trainer):
                     fused=self.args.fused_loss,
                     return_hits=True,
                     label_smoothing=self.args.label_smoothing_factor,
+                    impl=self.args.fused_loss_impl,
                 )
             else:
                 model_inputs = {k: v for k, v in inputs.items() if k != "labels"}

@@ -94,9 +94,11 @@ def _flce_reference(h, w, y, b, *, softcap, smoothing, z_loss, weights, reductio
     return per if reduction == "none" else per.sum() / max(int(valid.sum()), 1)
 
 
-def flce_case(ctx: Ctx, dtype: str, variant: str) -> dict:
+def flce_case(ctx: Ctx, dtype: str, variant: str, impl: str = "chunked") -> dict:
     """``variant``: "plain" (mean loss) or "all" (bias, softcap, label smoothing, z-loss, token weights,
-    ``reduction="none"`` with a random upstream gradient)."""
+    ``reduction="none"`` with a random upstream gradient); ``impl``: "chunked" (cuBLAS GEMMs and the row
+    kernel, in chunks that do not divide the target rows at full size) or "fused" (the no-logits kernels)."""
+    from ragkern.kernels import cross_entropy as ce_mod
     from ragkern.kernels import fused_linear_cross_entropy
 
     N, H, V = (37, 24, 67) if ctx.dry else (1031, 264, 5003)
@@ -122,10 +124,16 @@ def flce_case(ctx: Ctx, dtype: str, variant: str) -> dict:
         return {f"d{n}": t.grad for n, t in zip("hwb", leaves)}
 
     leaves = [t.detach().clone().requires_grad_() for t in (h, w, b) if t is not None]
-    with nan_poisoned_empty():
-        loss = fused_linear_cross_entropy(leaves[0], leaves[1], y, bias=leaves[2] if full else None,
-                                          weights=weights, reduction=reduction, backend="triton", **opts)  # fmt: skip
-        outs = {"loss": loss.detach(), **grads(loss, leaves)}
+    chunk_bytes = ce_mod._CHUNK_BYTES
+    ce_mod._CHUNK_BYTES = (10 if ctx.dry else 300) * V * h.element_size()  # chunks of 10 / 256 target rows
+    try:
+        with nan_poisoned_empty():
+            loss = fused_linear_cross_entropy(leaves[0], leaves[1], y, bias=leaves[2] if full else None,
+                                              weights=weights, reduction=reduction, backend="triton", impl=impl,
+                                              **opts)  # fmt: skip
+            outs = {"loss": loss.detach(), **grads(loss, leaves)}
+    finally:
+        ce_mod._CHUNK_BYTES = chunk_bytes
     if ctx.warm:
         return {}
     ref_leaves = [t.detach().double().requires_grad_() for t in (h, w, b) if t is not None]
@@ -352,8 +360,10 @@ def plan(ctx: Ctx) -> list[tuple[str, object, dict, bool]]:
         if not ctx.quick and dtype == ("fp32" if ctx.dry else "bf16"):
             cases.append((f"attention {dtype} D={dims[-1] if ctx.dry else 128} non-causal", attention_case,
                           dict(dtype=dtype, head_dim=dims[-1] if ctx.dry else 128, blocks=False, causal=False), True))  # fmt: skip
-        for variant in ("plain", "all"):
-            cases.append((f"flce {dtype} {variant}", flce_case, dict(dtype=dtype, variant=variant), True))
+        for impl in ("chunked", "fused"):
+            for variant in ("plain", "all"):
+                cases.append((f"flce {impl} {dtype} {variant}", flce_case,
+                              dict(dtype=dtype, variant=variant, impl=impl), True))  # fmt: skip
         for p in (0.0, 0.1):
             cases.append((f"lora {dtype} r=16 dropout={p}", lora_case, dict(dtype=dtype, dropout=p), True))
         if dtype == "bf16" and not ctx.quick:

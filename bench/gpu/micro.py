@@ -313,10 +313,16 @@ def flce_bench(ctx: Ctx, targets: int) -> dict:
                     check=lambda out: {"loss": out.float(), "dh": h.grad, "dW": w.grad})  # fmt: skip
 
     need_cuda = None if ctx.cuda else "needs CUDA"
-    ours = impl(
-        lambda h, w: fused_linear_cross_entropy(h, w, y, backend="triton" if ctx.cuda else "torch"), ours=True
-    )
-    impls = {"ragkern": ours}
+    backend = "triton" if ctx.cuda else "torch"
+    impls = {
+        "ragkern": impl(lambda h, w: fused_linear_cross_entropy(h, w, y, backend=backend, impl="chunked"),
+                        ours=True, note="impl='chunked' (the default): cuBLAS GEMMs over the target rows in chunks "
+                        "of <= 256 MiB of logits, one Triton row kernel per chunk"),
+        "ragkern_fused": impl(lambda h, w: fused_linear_cross_entropy(h, w, y, backend="triton", impl="fused"),
+                              ours=True, note="impl='fused': the no-logits Triton kernels",
+                              skip=None if ctx.cuda else "needs CUDA (the interpreter computes bf16 dots wrongly; "
+                              "correctness checks impl='fused' in fp32 / fp16)"),
+    }  # fmt: skip
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 

@@ -1,5 +1,6 @@
 """fused_linear_cross_entropy against F.cross_entropy(hidden @ weight.T) in float64: loss and every gradient."""
 
+import math
 import mmap
 import sys
 
@@ -53,14 +54,16 @@ def check(N, H, V, *, backend, dtype=torch.float32, bias=False, ignore_frac=0.25
     return check_tensors(*inputs, backend=backend, seed=seed, **kwargs)
 
 
-def check_tensors(hidden, weight, b, labels, w, *, backend, seed=0, atol=1e-5, rtol=1e-4, grad_out="random",
-                  filter_eps="auto", **opts):  # fmt: skip
-    """Loss, z-term and every gradient against :func:`reference` in float64; returns the max abs errors."""
+def check_tensors(hidden, weight, b, labels, w, *, backend, impl=None, seed=0, atol=1e-5, rtol=1e-4,
+                  grad_out="random", filter_eps="auto", **opts):  # fmt: skip
+    """Loss, z-term and every gradient against :func:`reference` in float64; returns the max abs errors.
+    ``impl``: default "fused" on the triton backend (the no-logits kernels), "chunked" on torch."""
     dtype = hidden.dtype
+    impl = impl or ("fused" if backend == "triton" else "chunked")
     leaves = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
     loss, zterm = fused_linear_cross_entropy(
-        hidden, weight, labels, bias=b, weights=w, backend=backend, return_z_loss=True, filter_eps=filter_eps,
-        **opts,
+        hidden, weight, labels, bias=b, weights=w, backend=backend, impl=impl, return_z_loss=True,
+        filter_eps=filter_eps, **opts,
     )  # fmt: skip
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rh, rw, rb = ref_leaves + [None] * (3 - len(ref_leaves))
@@ -147,16 +150,19 @@ def test_torch_float64_and_int32_labels():
 
 
 @pytest.mark.parametrize(
-    "backend, reduction", [("torch", "mean"), ("torch", "none"), ("triton", "none")], ids=lambda x: x
-)
-def test_frozen_weight(backend, reduction, small_chunks):
+    "backend, impl, reduction",
+    [("torch", "chunked", "mean"), ("torch", "chunked", "none"), ("triton", "fused", "none"),
+     ("triton", "chunked", "none")],
+    ids=lambda x: x,
+)  # fmt: skip
+def test_frozen_weight(backend, impl, reduction, small_chunks):
     """A frozen lm_head (LoRA elsewhere): only grad_hidden is computed, and it is right."""
     if backend == "triton":
         pytest.importorskip("triton")
     hidden, weight, _, labels, _ = make_inputs(29, 16, 301, seed=5)
     hidden.requires_grad_()
     loss = fused_linear_cross_entropy(
-        hidden, weight, labels, softcap=4.0, reduction=reduction, backend=backend
+        hidden, weight, labels, softcap=4.0, reduction=reduction, backend=backend, impl=impl
     )
     ref_hidden = hidden.detach().double().requires_grad_()
     ref = reference(ref_hidden, weight, labels, softcap=4.0, reduction=reduction)[0]
@@ -166,12 +172,15 @@ def test_frozen_weight(backend, reduction, small_chunks):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
-def test_triton_frozen_weight_trained_bias():
-    """grad_bias without grad_weight (the dweight kernel sums ds but skips its matmul)."""
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_triton_frozen_weight_trained_bias(impl, small_chunks):
+    """grad_bias without grad_weight (the dweight kernel sums ds but skips its matmul; chunked: no dW GEMM)."""
     pytest.importorskip("triton")
     hidden, weight, b, labels, _ = make_inputs(29, 16, 301, bias=True, seed=6)
     leaves = [hidden.requires_grad_(), b.requires_grad_()]
-    loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, label_smoothing=0.1, backend="triton")
+    loss = fused_linear_cross_entropy(
+        hidden, weight, labels, bias=b, label_smoothing=0.1, backend="triton", impl=impl
+    )
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref = reference(ref_leaves[0], weight.double(), labels, bias=ref_leaves[1], label_smoothing=0.1)[0]
     for got, want in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(ref, ref_leaves)):
@@ -208,12 +217,14 @@ def test_no_grad_forward():
         (dict(weights=torch.zeros(5)), "weights must be"),
         (dict(reduction="avg"), "reduction="),
         (dict(backend="cuda"), "backend="),
+        (dict(impl="cublas"), "impl="),
+        (dict(impl="fused", backend="torch"), "impl='fused' runs the Triton kernels"),
         (dict(softcap=0.0), "softcap"),
         (dict(label_smoothing=1.5), "label_smoothing"),
         (dict(filter_eps=-1.0), "filter_eps"),
     ],
     ids=["hidden_3d", "weight_H", "labels_N", "labels_float", "dtype_mix", "bias_V", "weights_N",
-         "reduction", "backend", "softcap", "smoothing", "filter_eps"],
+         "reduction", "backend", "impl", "fused_on_torch", "softcap", "smoothing", "filter_eps"],
 )  # fmt: skip
 def test_errors(bad, match):
     args = dict(hidden=torch.zeros(4, 4), weight=torch.zeros(7, 4), labels=torch.zeros(4, dtype=torch.long))
@@ -247,16 +258,21 @@ def test_triton_interpreter(case):
 @pytest.mark.slow  # several minutes on a cold Triton cache (two cores), seconds once cached
 def test_aot_compiles():
     """Every launched configuration compiles for sm_80 and sm_90 with no register spills; HGMMA on sm_90
-    wherever the dot may use tensor cores (everything but fp32 under IEEE precision)."""
+    wherever the dot may use tensor cores (everything but fp32 under IEEE precision; the chunked path's row
+    kernel has no dot)."""
     pytest.importorskip("triton")
     from ragkern.kernels._aot import compile_modules
 
     records = compile_modules(["ragkern.kernels.cross_entropy"], archs=(80, 90))
-    assert len(records) == 2 * len(ce_mod.aot_specs()) == 90
-    assert {r["kernel"] for r in records} == {"flce_fwd", "flce_bwd_dh", "flce_bwd_dw"}
+    assert len(records) == 2 * len(ce_mod.aot_specs()) == 106
+    assert {r["kernel"] for r in records} == {"flce_fwd", "flce_bwd_dh", "flce_bwd_dw", "flce_rows"}
     spilled = [(r["kernel"], r["config"], r["arch"], r["stack_bytes"]) for r in records if r["stack_bytes"]]
     assert not spilled
-    tensor_cores = [r for r in records if r["arch"] == "sm_90" and " ieee " not in r["config"]]
+    tensor_cores = [
+        r
+        for r in records
+        if r["arch"] == "sm_90" and " ieee " not in r["config"] and r["kernel"] != "flce_rows"
+    ]
     assert tensor_cores and all(r["hgmma"] > 0 for r in tensor_cores)
 
 
@@ -302,11 +318,11 @@ def test_out_of_range_label_raises_on_both_paths(bad):
     hidden, weight, _, labels, _ = make_inputs(9, 8, 31, ignore_frac=0.0)
     labels[6] = bad
     messages = []
-    for backend in ("torch", "triton"):
+    for backend, impl in (("torch", "chunked"), ("triton", "fused"), ("triton", "chunked")):
         with pytest.raises(ValueError) as err:
-            fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+            fused_linear_cross_entropy(hidden, weight, labels, backend=backend, impl=impl)
         messages.append(str(err.value))
-    assert messages[0] == messages[1]
+    assert messages[0] == messages[1] == messages[2]
     for part in (f"labels[6] = {bad}", "[0, V=31)", "ignore_index=-100"):
         assert part in messages[0]
 
@@ -350,7 +366,9 @@ def test_triton_deterministic_gradients(shuffled_grid):
     try:
         for seed in (1, 2):
             shuffled_grid(seed)
-            loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, weights=w, backend="triton")
+            loss = fused_linear_cross_entropy(
+                hidden, weight, labels, bias=b, weights=w, backend="triton", impl="fused"
+            )
             runs.append([loss, *torch.autograd.grad(loss, leaves)])
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -467,7 +485,7 @@ def test_triton_gradient_filtering_matches_its_definition():
     got = {}
     for name, filt in (("filtered", eps), ("off", None)):
         loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, weights=w, reduction="sum",
-                                          backend="triton", filter_eps=filt, **opts)  # fmt: skip
+                                          backend="triton", impl="fused", filter_eps=filt, **opts)  # fmt: skip
         got[name] = torch.autograd.grad(loss, leaves)
     for name, a, e, off in zip(("hidden", "weight", "bias"), got["filtered"], want, got["off"]):
         torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
@@ -530,3 +548,151 @@ def test_triton_offsets_past_2_31(sparse_memory):
     hidden.copy_(torch.randn(3, D, generator=g))
     labels = torch.tensor([2, 0, 2])
     check_tensors(hidden, weight, None, labels, None, backend="triton", reduction="sum", atol=2e-3, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------------- chunked triton path
+
+
+@pytest.fixture
+def small_logits_buffer(monkeypatch):
+    """The chunked triton path's logits buffer holds 7 rows of V=1003 fp32 (14 of fp16): 37 target rows
+    make chunks that do not divide them (7 x 5 + 2 fp32, 14 x 2 + 9 fp16)."""
+    monkeypatch.setattr(ce_mod, "_CHUNK_BYTES", 7 * 1003 * 4)
+
+
+CHUNKED_CASES = {
+    "plain_fp32": dict(ignore_frac=0.0),
+    "all_fp32": dict(
+        bias=True, softcap=5.0, label_smoothing=0.2, z_loss=1e-2, weights=True, reduction="none"
+    ),
+    "all_uniform_grad_fp32": dict(
+        bias=True,
+        softcap=5.0,
+        label_smoothing=0.2,
+        z_loss=1e-2,
+        weights=True,
+        reduction="none",
+        grad_out="ones",
+    ),
+    "smoothing_sum_fp32": dict(label_smoothing=0.1, reduction="sum"),
+    "all_ignored_fp32": dict(ignore_frac=1.1, reduction="none"),
+    "all_fp16": dict(
+        dtype=torch.float16, bias=True, label_smoothing=0.1, z_loss=1e-3, weights=True, atol=2e-3, rtol=2e-2
+    ),
+    "softcap_fp16": dict(dtype=torch.float16, softcap=4.0, reduction="none", atol=2e-3, rtol=2e-2),
+    # bf16: the kernel only converts bf16 loads / stores (right in the interpreter); the GEMMs are torch's
+    "bias_smoothing_bf16": dict(dtype=torch.bfloat16, bias=True, label_smoothing=0.1, atol=1e-2, rtol=5e-2),
+}
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES, ids=list(CHUNKED_CASES))
+def test_chunked_triton(case, small_logits_buffer):
+    """The chunked path (torch GEMMs, the row kernel in the interpreter) against float64: loss, z-term and
+    every gradient, over chunks that do not divide the target rows; "ones": backward scales the gradients
+    computed in the forward pass, else reduction="none" with a random upstream gradient recomputes them."""
+    pytest.importorskip("triton")
+    opts = dict(CHUNKED_CASES[case])
+    check(37, 48, 1003, backend="triton", impl="chunked", seed=len(case), **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_triton_large_odd_vocab(dtype):
+    """V=32003: the row kernel's last vocabulary block is partial; softcap and smoothing on."""
+    pytest.importorskip("triton")
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=5e-2)
+    check(13, 16, 32003, backend="triton", impl="chunked", dtype=dtype, weights=True, reduction="none",
+          softcap=30.0, label_smoothing=0.05, z_loss=1e-3, seed=3, **tol)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_torch_chunked_half_precision(dtype, small_chunks):
+    """The torch backend (CPU) in bf16 / fp16: torch's matmul in the input dtype, the row step in fp32."""
+    check(67, 24, 1003, backend="torch", dtype=dtype, bias=True, label_smoothing=0.1, weights=True,
+          atol=1e-2, rtol=5e-2)  # fmt: skip
+
+
+def test_chunk_rows_bound():
+    """The chunk of logits is at most _CHUNK_BYTES (256 MiB): Llama-3 (V=128,256) takes 1024 rows in bf16,
+    512 in fp32 (whole 128-row tiles), so 1k RAFT targets are one chunk; a short input is one chunk of n."""
+    assert ce_mod._CHUNK_BYTES == 256 * 2**20
+    assert ce_mod._chunk_rows(16384, 128256, 2) == 1024
+    assert ce_mod._chunk_rows(16384, 128256, 4) == 512
+    assert ce_mod._chunk_rows(1000, 128256, 2) == 1000
+    for V, e in ((128256, 2), (32003, 4), (151936, 2), (2**28, 4)):
+        rows = ce_mod._chunk_rows(10**6, V, e)
+        assert rows >= 1 and (rows * V * e <= ce_mod._CHUNK_BYTES or rows == 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_triton_logits_stay_within_the_buffer_bound(dtype, monkeypatch):
+    """Every tensor of logits rows the chunked path creates, forward and backward, is (rows, V) with
+    rows * V * itemsize <= _CHUNK_BYTES (checked on every aten op's outputs, not by timing); the rows of all
+    chunks together cover every target exactly once. bf16: grad_weight's fp32 accumulation (where torch has
+    no fp32-output GEMM, as on CPU) adds products of vocabulary slices, each within the bound too."""
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((str(func), tuple(t.shape), t.element_size()))
+            return out
+
+    bound = 1 << 20
+    monkeypatch.setattr(ce_mod, "_CHUNK_BYTES", bound)
+    N, D, V = 301, 24, 32003  # all logits: 38 MB fp32; 8 rows per chunk
+    hidden, weight, _, labels, _ = make_inputs(N, D, V, dtype=dtype, ignore_frac=0.1, seed=2)
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    with Outputs() as mode:
+        loss = fused_linear_cross_entropy(hidden, weight, labels, backend="triton", impl="chunked")
+        torch.autograd.grad(loss, leaves)
+    views_of_weight = ("aten.permute.default", "aten.t.default", "aten.transpose.int")  # (D, V): not logits
+    logits = [s[0] * V * e for f, s, e in mode.seen if len(s) == 2 and s[1] == V and f not in views_of_weight]
+    assert logits and max(logits) <= bound
+    products = [math.prod(s) * e for f, s, e in mode.seen if f.startswith(("aten.mm.", "aten.addmm."))]
+    assert products and max(products) <= bound
+    gemm_rows = sum(s[0] for f, s, _ in mode.seen if f.startswith("aten.mm") and len(s) == 2 and s[1] == V)
+    assert gemm_rows == int((labels != IGNORE).sum())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunked_deterministic(backend, small_logits_buffer):
+    """Under torch.use_deterministic_algorithms(True) the chunked path gives bitwise the same loss and
+    gradients on a repeat: torch GEMMs in a fixed chunk order, a row kernel without atomics."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    hidden, weight, b, labels, w = make_inputs(
+        61, 16, 1003, bias=True, weights=True, ignore_frac=0.1, seed=11
+    )
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    runs = []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            loss = fused_linear_cross_entropy(
+                hidden, weight, labels, bias=b, weights=w, softcap=5.0, backend=backend, impl="chunked"
+            )
+            runs.append([loss, *torch.autograd.grad(loss, leaves)])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for name, first, second in zip(("loss", "hidden", "weight", "bias"), *runs):
+        assert torch.equal(first, second), name
+
+
+def test_impl_auto_is_chunked(monkeypatch):
+    """impl="auto" runs the chunked design (on the triton backend: the row kernel, not the fused kernels)."""
+    pytest.importorskip("triton")
+    called = []
+    for name in ("_triton_chunks", "_triton_forward"):
+        real = getattr(ce_mod, name)
+        monkeypatch.setattr(ce_mod, name, lambda *a, _r=real, _n=name: called.append(_n) or _r(*a))
+    hidden, weight, _, labels, _ = make_inputs(9, 8, 31)
+    fused_linear_cross_entropy(hidden, weight, labels, backend="triton")
+    assert called == ["_triton_chunks"]

@@ -17,17 +17,17 @@ def max_rel_diff(a, b):
     return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in a)
 
 
-def run(model, batch, fused, n_items=None):
+def run(model, batch, fused, n_items=None, impl="auto"):
     model.zero_grad()
-    loss, token_loss = causal_lm_loss(model, batch, num_items_in_batch=n_items, fused=fused)
+    loss, token_loss = causal_lm_loss(model, batch, num_items_in_batch=n_items, fused=fused, impl=impl)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), token_loss.detach(), grads
 
 
-def assert_fused_equals_plain(model, batch, n_items=None):
+def assert_fused_equals_plain(model, batch, n_items=None, impl="auto"):
     plain = run(copy.deepcopy(model), batch, fused=False, n_items=n_items)
-    fused = run(model, batch, fused=True, n_items=n_items)
+    fused = run(model, batch, fused=True, n_items=n_items, impl=impl)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-6)
     assert fused[2].keys() == plain[2].keys() and fused[2]
@@ -43,6 +43,22 @@ def fused_calls(monkeypatch):
     monkeypatch.setattr(
         loss_mod, "fused_linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k)
     )
+    return calls
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """The fused loss on the triton backend, as on CUDA (the chunked path's row kernel in the interpreter);
+    returns the keyword arguments of each call."""
+    pytest.importorskip("triton")
+    calls = []
+    real = loss_mod.fused_linear_cross_entropy
+
+    def on_triton(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs, backend="triton")
+
+    monkeypatch.setattr(loss_mod, "fused_linear_cross_entropy", on_triton)
     return calls
 
 
@@ -125,6 +141,38 @@ def test_trainer_step_fused_equals_plain(tmp_path, fused_calls):
         grads.append(capture.grads)
     assert fused_calls  # the first run used the fused kernel
     assert max_rel_diff(grads[0], grads[1]) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_chunked_triton_equals_plain_on_a_packed_row(family, triton_backend):
+    """impl="chunked" on the triton backend (cuBLAS-style GEMMs, the row kernel): loss, per-token loss and
+    every parameter gradient equal the materialised-logits loss."""
+    assert_fused_equals_plain(tiny_model(family), packed_batch(), n_items=17, impl="chunked")
+    assert [k["impl"] for k in triton_backend] == ["chunked"]
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_trainer_step_fused_loss_impl_equals_plain(tmp_path, triton_backend, impl):
+    """RagTrainingArguments.fused_loss_impl reaches the kernel: a training step with each design (triton
+    backend) gives the plain loss's update."""
+    examples = random_examples([9, 4, 11, 6, 14, 7], answer_tail=3, seed=6)
+    grads = []
+    for fused in (True, False):
+        capture = GradCapture()
+        a = RagTrainingArguments(
+            output_dir=str(tmp_path / str(fused)), max_length=32, per_device_train_batch_size=2, max_steps=1,
+            optim="sgd", learning_rate=0.5, max_grad_norm=0.0, report_to=[], save_strategy="no",
+            disable_tqdm=True, seed=7, fused_loss=fused, fused_loss_impl=impl,
+        )  # fmt: skip
+        RagTrainer(model=tiny_model("qwen3"), args=a, train_dataset=examples, callbacks=[capture]).train()
+        grads.append(capture.grads)
+    assert triton_backend and all(k["impl"] == impl for k in triton_backend)
+    assert max_rel_diff(grads[0], grads[1]) < 1e-5
+
+
+def test_fused_loss_impl_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="fused_loss_impl='cublas' is not one of"):
+        RagTrainingArguments(output_dir=str(tmp_path), fused_loss_impl="cublas", report_to=[])
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
