@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -26,6 +27,17 @@ BUDGETS = {
 LIMIT = {"quick": 340, "full": 570, "dry-run": 600}
 FAMILY = {"attention": "attention ", "flce": "flce ", "lora": "lora "}  # micro part -> its correctness cases
 JSON_NAME, TABLE_NAME = "gpu_bench.json", "table.txt"
+
+
+def source_digest(root: Path | None = None) -> str:
+    """sha256 over the Python sources that run (ragkern/, kernels/, bench/), path and content, in path order:
+    on a machine without git it names the code a run measured; the same call on a checkout here tells whether
+    that checkout is the code that ran."""
+    root = root or Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for path in sorted(p for d in ("ragkern", "kernels", "bench") for p in (root / d).rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _parse(argv):
@@ -238,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
 
     record["meta"] = harness.run_guarded(metadata)
     manifest = wheels.get("manifest", {})
+    record["meta"]["source_sha256"] = source_digest()
     if record["meta"].get("git_sha") in (None, "unknown") and manifest.get("git_sha"):
-        record["meta"]["git_sha"] = manifest["git_sha"]
-        record["meta"]["git_sha_source"] = "bench/gpu/wheels/manifest.json (no git on this machine)"
+        # The device has no git: the manifest only knows the commit checked out when the wheels were fetched,
+        # which may be older than the code that ran; source_sha256 identifies that code.
+        record["meta"]["git_sha"] = None
+        record["meta"]["git_sha_at_wheels_fetch"] = manifest["git_sha"]
     if not cuda and not args.dry_run:
         record["error"] = "no CUDA device: run with --dry-run on a machine without a GPU"
         write()

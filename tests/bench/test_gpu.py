@@ -219,3 +219,18 @@ def test_install_wheels_without_network(tmp_path, monkeypatch):
 
     assert gpubench_probe.VALUE == 42
     sys.modules.pop("gpubench_probe")
+
+
+def test_source_digest_names_the_code_that_ran(tmp_path):
+    from bench.gpu.cli import source_digest
+
+    for d in ("ragkern", "kernels", "bench"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "a.py").write_text(f"x = '{d}'\n")
+    first = source_digest(tmp_path)
+    assert source_digest(tmp_path) == first
+    (tmp_path / "kernels" / "a.py").write_text("x = 'changed'\n")
+    assert source_digest(tmp_path) != first
+    (tmp_path / "kernels" / "a.py").write_text("x = 'kernels'\n")
+    (tmp_path / "kernels" / "a.py").rename(tmp_path / "kernels" / "b.py")
+    assert source_digest(tmp_path) != first  # a renamed file is other code too
