@@ -250,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
 
     record["meta"] = harness.run_guarded(metadata)
     manifest = wheels.get("manifest", {})
+    # source_sha256 names the code that ran. The lent machine gets a copy of the working tree whose git metadata
+    # can be stale (a run at 23ede13 reported fe8e8a3 there), and the manifest knows only the commit checked out
+    # when the wheels were fetched: both are kept under names that say so, not as the code's commit.
     record["meta"]["source_sha256"] = source_digest()
-    if record["meta"].get("git_sha") in (None, "unknown") and manifest.get("git_sha"):
-        # The device has no git: the manifest only knows the commit checked out when the wheels were fetched,
-        # which may be older than the code that ran; source_sha256 identifies that code.
-        record["meta"]["git_sha"] = None
+    if cuda:
+        record["meta"]["git_sha_reported_here"] = record["meta"].pop("git_sha", None)
+    if manifest.get("git_sha"):
         record["meta"]["git_sha_at_wheels_fetch"] = manifest["git_sha"]
     if not cuda and not args.dry_run:
         record["error"] = "no CUDA device: run with --dry-run on a machine without a GPU"
