@@ -5,7 +5,9 @@ import torch
 
 from ragkern import PackingCollator
 from ragkern.data import encode
+from ragkern.evaluate import generate_answers
 from ragkern.inference import (
+    block_masked_greedy,
     encode_passage,
     greedy_continue,
     load_caches,
@@ -125,3 +127,28 @@ def test_reuse_errors():
         segments_from_block_ids([1, 2, 3, 4], [1, 0, 1, 0])
     with pytest.raises(ValueError, match="passage block 2 appears in two separate spans"):
         PackingCollator(block_attention=True)([{"input_ids": [1, 2, 3, 4], "block_ids": [0, 2, 0, 2]}])
+
+
+def test_batched_block_masked_answers_equal_one_by_one():
+    """evaluate's block_attention=True packs a batch of prompts into one row under the passage block mask: the
+    answers equal block_masked_greedy's, record by record."""
+    tok = word_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    records = [
+        RECORD,
+        {**RECORD, "passages": [RECORD["passages"][0], "delta is born of spain", RECORD["passages"][2]]},
+        {**RECORD, "passages": ["gamma works in madrid city", "alpha lives in rome"]},
+        {**RECORD, "question": "who works in paris?"},
+    ]
+    stop = set(tok.all_special_ids)
+    answers = generate_answers(model, tok, records, batch_size=2, max_new_tokens=4, block_attention=True)
+    expected = []
+    for record in records:
+        ids, blocks = prompt_of(encode(record, tok))
+        out = block_masked_greedy(model, ids, blocks, max_new_tokens=4, stop_ids=stop)
+        expected.append(tok.decode(out, skip_special_tokens=True).strip())
+    assert answers == expected and any(expected)
+    with pytest.raises(ValueError, match="ragkern"):
+        generate_answers(
+            tiny_model("llama", vocab_size=len(tok), attn="sdpa"), tok, records, block_attention=True
+        )
