@@ -45,10 +45,10 @@ def _data_file(path: str, what: str = "DATA") -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    metrics = run_demo(
+    # run_demo prints the summary and writes every number to metrics.json: nothing more to print here.
+    run_demo(
         output_dir=args.output_dir, seed=args.seed, quick=args.quick, block_attention=args.block_attention
     )
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
     return 0
 
 

@@ -30,8 +30,7 @@ that phase transition needs more compute than a 3-minute CPU demo has.
 ``--block-attention`` trains with the passage block mask and then answers the held-out questions twice: with
 a full block-masked prefill, and with each passage's KV cache encoded once and reused
 (:mod:`ragkern.inference`), reporting both accuracies and the prefill tokens saved (``cache_reuse``).
-``accuracy_after`` is then measured with ordinary full attention (no block mask), which the model was not
-trained for: compare it with ``cache_reuse["exact_match_full_prefill"]``.
+``accuracy_after`` and the learning curve are measured under the same block mask, as the model was trained.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from .data import build_word_tokenizer
-from .evaluate import evaluate_answers
+from .evaluate import cited_markers, evaluate_answers
 
 _ONSETS = "b d f g k l m n p r s t v z".split()
 _VOWELS = "a e i o u".split()
@@ -61,6 +60,7 @@ class DemoRecipe:
     num_names: int = 24  # fictional names
     num_relations: int = 8  # relations (city, color, ...); each passage of a record states a different one
     distinct_relations: bool = True
+    train_questions: int = 1  # a training record asks about 1..train_questions of its passages (held-out: 1)
     values_per_relation: int = 12  # fictional values per relation (answers), drawn fresh per record
     train_records: int = 12_000  # encoded once (about 10 s); steps beyond one epoch reshuffle them
     eval_records: int = 300  # held-out, distinct records
@@ -127,13 +127,21 @@ def task_vocabulary(recipe: DemoRecipe) -> TaskVocabulary:
 
 
 def make_records(
-    n: int, *, seed: int, recipe: DemoRecipe | None = None, num_passages: int | tuple[int, int] | None = None
+    n: int,
+    *,
+    seed: int,
+    recipe: DemoRecipe | None = None,
+    num_passages: int | tuple[int, int] | None = None,
+    questions: int = 1,
 ) -> list[dict]:
     """``n`` RAFT records ``{"question", "passages", "answer", "oracle"}``, deterministic in ``seed``.
 
     ``num_passages`` is an int, or a range ``(lo, hi)`` drawn per record (default: ``recipe.num_passages``).
     A record's passages state facts about distinct names with distinct relations; every value is drawn
     fresh, so the answer occurs only in the oracle passage and cannot be memorised.
+
+    ``questions > 1`` asks about 1..questions of a record's passages (as many as it has at most), in random
+    order: ``"vubad metal ? kobok song ?"`` -> ``"metal pimud song redon"``, ``oracle`` = the asked passages.
     """
     recipe = recipe or DemoRecipe()
     vocab = task_vocabulary(recipe)
@@ -142,6 +150,8 @@ def make_records(
     lo, hi = (num_passages, num_passages) if isinstance(num_passages, int) else num_passages
     if not 1 <= lo <= hi <= len(vocab.relations):
         raise ValueError(f"num_passages={num_passages} must be >= 1 and at most {len(vocab.relations)}")
+    if questions < 1:
+        raise ValueError(f"questions={questions} must be >= 1")
     rng = random.Random(seed)
     records = []
     for _ in range(n):
@@ -153,13 +163,15 @@ def make_records(
         else:  # one relation for the whole record: only the name tells the oracle apart
             relations = [rng.choice(vocab.relations)] * k
             values = rng.sample(vocab.values[relations[0]], k)
-        o = rng.randrange(k)
+        asked = (
+            [rng.randrange(k)] if questions == 1 else rng.sample(range(k), rng.randint(1, min(questions, k)))
+        )
         records.append(
             {
-                "question": f"{names[o]} {relations[o]} ?",
+                "question": " ".join(f"{names[o]} {relations[o]} ?" for o in asked),
                 "passages": [f"{a} {r} {v}" for a, r, v in zip(names, relations, values)],
-                "answer": f"{relations[o]} {values[o]}",
-                "oracle": [o],
+                "answer": " ".join(f"{relations[o]} {values[o]}" for o in asked),
+                "oracle": sorted(asked),
             }
         )
     return records
@@ -192,10 +204,17 @@ def build_model(tokenizer, recipe: DemoRecipe, seed: int) -> LlamaForCausalLM:
 class LearningCurve(TrainerCallback):
     """Scores held-out records at a few training steps: ``points`` = [{step, seconds, accuracy}]."""
 
-    def __init__(self, tokenizer, records: list[dict], steps: list[int], quiet: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        records: list[dict],
+        steps: list[int],
+        quiet: bool = False,
+        block_attention: bool = False,
+    ):
         self.tokenizer, self.records, self.steps = tokenizer, records, set(steps)
         self.points: list[dict] = []
-        self.quiet = quiet
+        self.quiet, self.block_attention = quiet, block_attention
         self._start = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -203,7 +222,9 @@ class LearningCurve(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
-            acc = evaluate_answers(model, self.tokenizer, self.records, max_new_tokens=4)["exact_match"]
+            acc = evaluate_answers(
+                model, self.tokenizer, self.records, max_new_tokens=4, block_attention=self.block_attention
+            )["exact_match"]
             point = {
                 "step": state.global_step,
                 "seconds": round(time.perf_counter() - self._start, 1),
@@ -279,24 +300,38 @@ def _run_demo(
         seed=seed * 1000 + 1,
         recipe=recipe,
         num_passages=(recipe.min_train_passages, recipe.num_passages),
+        questions=recipe.train_questions,
     )
     held_out = make_records(n_eval, seed=seed * 1000 + 2, recipe=recipe)
     curve_set = held_out[: min(recipe.curve_records, n_eval)]
     model = build_model(tokenizer, recipe, seed)
+    if block_attention:  # the block mask lives in the "ragkern" attention; RagTrainer would switch it anyway
+        model.set_attn_implementation("ragkern")
+
+    def accuracy(records: list[dict]) -> dict:
+        # A block-attention model answers under the block mask it was trained with.
+        return evaluate_answers(model, tokenizer, records, max_new_tokens=4, block_attention=block_attention)
 
     say = (lambda *a: None) if quiet else print
+    n_params = sum(p.numel() for p in model.parameters())
     chance = 1.0 / recipe.num_passages
     say(
-        f"ragkern demo: {len(train)} training records ({recipe.min_train_passages}..{recipe.num_passages} passages), {len(held_out)} held-out "
-        f"records with {recipe.num_passages} passages (chance {chance:.2f}); Llama {recipe.num_layers} layers, "
-        f"hidden {recipe.hidden_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+        f"ragkern demo: {len(train)} training records ({recipe.min_train_passages}..{recipe.num_passages} "
+        f"passages, 1..{recipe.train_questions} questions), {len(held_out)} held-out records with "
+        f"{recipe.num_passages} passages and one question (chance {chance:.2f}); Llama {recipe.num_layers} "
+        f"layers, hidden {recipe.hidden_size}, {n_params / 1e6:.2f}M parameters"
+        + ("; passage block attention" if block_attention else "")
     )
-    before = evaluate_answers(model, tokenizer, held_out, max_new_tokens=4)["exact_match"]
+    before = accuracy(held_out)["exact_match"]
     say(f"accuracy before training: {before:.3f}")
 
     n_points = min(recipe.curve_points, steps)
     curve = LearningCurve(
-        tokenizer, curve_set, [round(steps * (i + 1) / n_points) for i in range(n_points)], quiet=quiet
+        tokenizer,
+        curve_set,
+        [round(steps * (i + 1) / n_points) for i in range(n_points)],
+        quiet=quiet,
+        block_attention=block_attention,
     )
     args = RagTrainingArguments(
         output_dir=str(out),
@@ -324,11 +359,9 @@ def _run_demo(
     result = trainer.train()
     train_seconds = time.perf_counter() - t_train
 
-    final = evaluate_answers(model, tokenizer, held_out, max_new_tokens=4)
+    final = accuracy(held_out)
     after = final["exact_match"]
-    no_oracle = evaluate_answers(model, tokenizer, [_without_oracle(r) for r in held_out], max_new_tokens=4)[
-        "exact_match"
-    ]
+    no_oracle = accuracy([_without_oracle(r) for r in held_out])["exact_match"]
     reuse = None
     if block_attention:
         from .inference import evaluate_cache_reuse
@@ -350,8 +383,10 @@ def _run_demo(
         "train_loss": result.metrics.get("train_loss"),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
         "learning_curve": curve.points,
-        "examples": final["predictions"][:5],
+        "examples": _without_citations(final["predictions"][:5], held_out),
         "recipe": asdict(recipe),
         "seed": seed,
     }
@@ -360,17 +395,21 @@ def _run_demo(
     tokenizer.save_pretrained(out)
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    how = " (block-masked, as trained)" if block_attention else ""
     say(
-        f"accuracy after training: {after:.3f} (before {before:.3f}, chance {chance:.2f}) on {len(held_out)} "
-        f"held-out records | fill ratio {metrics['fill_ratio']} | {metrics['tokens_per_second']} tokens/s | "
-        f"training {train_seconds:.0f} s, total {metrics['total_seconds']:.0f} s"
+        f"accuracy after training{how}: {after:.3f} (before {before:.3f}, chance {chance:.2f}) on "
+        f"{len(held_out)} held-out records | fill ratio {metrics['fill_ratio']} | "
+        f"{metrics['tokens_per_second']:.0f} tokens/s on {metrics['torch_threads']} thread(s), "
+        f"{metrics['cpu_capability']} kernels | training {train_seconds:.0f} s, "
+        f"total {metrics['total_seconds']:.0f} s"
     )
     say(f"control: accuracy with the oracle passage removed: {no_oracle:.3f} (the answer is only in it)")
     if reuse is not None:
         say(
-            f"block attention: accuracy with full prefill {reuse['exact_match_full_prefill']:.3f} vs reused passage "
-            f"caches {reuse['exact_match_cached']:.3f} (same answer on {reuse['agreement']:.1%}); prefill tokens "
-            f"{reuse['prefill_tokens_full']} -> {reuse['prefill_tokens_cached']} "
+            f"block attention: accuracy with reused passage caches {reuse['exact_match_cached']:.3f} vs a "
+            f"full block-masked prefill {reuse['exact_match_full_prefill']:.3f} (same answer on "
+            f"{reuse['agreement']:.1%}); "
+            f"prefill tokens {reuse['prefill_tokens_full']} -> {reuse['prefill_tokens_cached']} "
             f"({reuse['prefill_saved_fraction']:.1%} saved; {reuse['passage_tokens_encoded']} passage tokens "
             "encoded once, offline)"
         )
@@ -380,3 +419,11 @@ def _run_demo(
     )
     say(f"model and metrics.json written to {out}")
     return metrics
+
+
+def _without_citations(predictions: list[dict], records: list[dict]) -> list[dict]:
+    """``predictions`` without ``cites_oracle`` when no answer of the task carries a citation marker (the
+    demo's answers cite nothing, so "cites_oracle: false" would only be noise)."""
+    if any(cited_markers(r["answer"]) for r in records):
+        return predictions
+    return [{k: v for k, v in p.items() if k != "cites_oracle"} for p in predictions]
