@@ -1,4 +1,4 @@
-"""``ragkern demo``: train a tiny Llama on CPU to answer from its oracle passage, and measure whether it does.
+"""``ragkern demo``: train a tiny model on CPU to answer from its oracle passage, and measure whether it does.
 
 The task (fictional facts, values drawn fresh per record so that only reading can answer)::
 
@@ -13,24 +13,44 @@ The model must find the passage that states the asked relation and copy its valu
 relation first, so the value is predicted right after the relation word. Copying a random passage's value
 scores 1 / num_passages (``chance``); guessing a value of the right relation without reading scores about
 1 / values_per_relation. ``accuracy_without_oracle`` re-asks the held-out questions with the oracle passage
-removed: a model that reads falls to about 1 / values_per_relation there (a guess of the right kind).
+removed: a model that reads falls to about 1 / values_per_relation there (a guess of the right kind). The
+held-out records have 4 passages and one question; each has its own draws of names, relations and values.
 
-The recipe (:class:`DemoRecipe`): a 3-layer Llama (hidden 128, tied embeddings), a word-level vocabulary of
-~180 tokens, a soft curriculum (training records have 1..num_passages passages), peak learning rate 3e-3 with
-10% warm-up and cosine decay, 2,000 steps of one packed 512-token row (~15 examples) through
-:class:`ragkern.RagTrainer`, one CPU thread (tiny matrices; on a shared machine more threads mostly wait for
-each other). Measured on an idle 2-core machine (about 2.7 minutes per run): seed 0 held-out accuracy
-0.00 -> 1.00 (0.83 at step 667, 1.00 from step 1,000; 0.08 with the oracle removed), seed 1 0.00 -> 0.89
-(0.07 without the oracle). What did not work: the same recipe over 1,200 steps (cosine: one run stopped at
-0.54; constant rate: 0.90, and drifting down to 0.75 when held for 2,000 steps), peak learning rate 1e-2
-(no reading at all in 2,000 steps), and a harder variant where all passages of a record share one relation
-(so only the name tells the oracle apart, an induction pattern), which stayed near 0.1 after 2,000 steps:
-that phase transition needs more compute than a 3-minute CPU demo has.
+The recipe (:class:`DemoRecipe`), and why:
 
-``--block-attention`` trains with the passage block mask and then answers the held-out questions twice: with
-a full block-masked prefill, and with each passage's KV cache encoded once and reused
-(:mod:`ragkern.inference`), reporting both accuracies and the prefill tokens saved (``cache_reuse``).
-``accuracy_after`` and the learning curve are measured under the same block mask, as the model was trained.
+* training records ask about 1..4 of their passages (``"vubad metal ? kobok song ?"`` -> ``"metal pimud song
+  redon"``): up to 4 answers to read per record instead of 1, the strongest single lever (the held-out
+  questions ask one);
+* a 2-layer Qwen3 (a Llama with RMS-normed queries and keys; hidden 128, 4 heads, tied embeddings), AdamW
+  with weight decay 0.1: the model reads relation by relation (it learns, per relation, to attend to that
+  relation's values), and a relation whose attention has saturated on another token (0.99 on the
+  ``<|assistant|>`` token before it, we looked) gets no gradient and stays unread: the held-out accuracy then
+  stalls at 5/8 to 7/8 of the relations (0.55, 0.68, 0.78). Normed queries and keys and weight decay keep the
+  attention logits from saturating early;
+* a word-level vocabulary of ~180 tokens; a soft curriculum (training records have 1..4 passages); peak
+  learning rate 3e-3, 10% warm-up, cosine decay; 1,500 steps of one packed 512-token row (~10 examples)
+  through :class:`ragkern.RagTrainer`, on one CPU thread (tiny matrices; on a shared machine more threads
+  mostly wait for each other).
+
+Measured by steps (the runs are deterministic given seed and CPU kernels, so the accuracy measured on a busy
+machine is what an idle one gets), seeds 0-4 under both the default (AVX512) and ``ATEN_CPU_CAPABILITY=avx2``
+kernels of an AMD EPYC: held-out accuracy 1.00 in all 10 runs, reaching 0.9 between steps 300 and 700
+(median 500), then held at 1.00; 0.05-0.12 with the oracle removed. bench/demo_grid.py runs this grid with
+`ragkern demo` itself and records wall times (bench/results/demo_grid.json).
+
+What did not work (same grid cells, by steps): the previous recipe (3-layer Llama, one question per record,
+2,000 steps) stalled at 0.68 on seed 0 with AVX512 kernels (3 relations of 8 unread) where AVX2 reached
+1.00: a rounding edge. Asking about several passages made that Llama reach 1.00 by step 1,200, but over
+1,500 steps it stalled at 0.30; with 2 layers 6 of 8 runs reached 1.00 and two stalled (0.55, 0.78);
+adding weight decay 0.1 still left one of 7 at 0.68; a Llama with weight decay and a peak rate of 1.5e-3
+reached 1.00 on all 10 but later (step 600-900 for 0.9). One value pool shared by all relations (so only
+an induction head can read) stayed at chance (0.27) after 1,500 steps; 4 relations instead of 8 stayed at
+0.21; an answer "metal is pimud" (a fixed token before the value) stalled at 0.30 and 0.50.
+
+``--block-attention`` trains with the passage block mask (each passage sees only itself) and scores every
+answer, the learning curve included, under that mask: ``accuracy_after`` is the block-masked accuracy. It
+then answers the held-out questions again with each passage's KV cache encoded once and reused
+(:mod:`ragkern.inference`), reporting that accuracy and the prefill tokens saved (``cache_reuse``).
 """
 
 from __future__ import annotations
@@ -42,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import Qwen3Config, Qwen3ForCausalLM, TrainerCallback
 
 from .data import build_word_tokenizer
 from .evaluate import cited_markers, evaluate_answers
@@ -60,23 +80,23 @@ class DemoRecipe:
     num_names: int = 24  # fictional names
     num_relations: int = 8  # relations (city, color, ...); each passage of a record states a different one
     distinct_relations: bool = True
-    train_questions: int = 1  # a training record asks about 1..train_questions of its passages (held-out: 1)
+    train_questions: int = 4  # a training record asks about 1..train_questions of its passages (held-out: 1)
     values_per_relation: int = 12  # fictional values per relation (answers), drawn fresh per record
     train_records: int = 12_000  # encoded once (about 10 s); steps beyond one epoch reshuffle them
     eval_records: int = 300  # held-out, distinct records
     curve_records: int = 100  # held-out records scored at each learning-curve point
-    curve_points: int = 6
+    curve_points: int = 10
     hidden_size: int = 128
-    num_layers: int = 3
+    num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    max_steps: int = 2000
+    max_steps: int = 1500
     bins_per_step: int = 1
     max_length: int = 512  # tokens per packed bin
     learning_rate: float = 3e-3
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     extra: dict = field(default_factory=dict)
 
 
@@ -182,9 +202,10 @@ def build_tokenizer(recipe: DemoRecipe | None = None):
     return build_word_tokenizer(["passages", "question", *task_vocabulary(recipe or DemoRecipe()).words()])
 
 
-def build_model(tokenizer, recipe: DemoRecipe, seed: int) -> LlamaForCausalLM:
-    """A tiny randomly initialised Llama (no download)."""
-    config = LlamaConfig(
+def build_model(tokenizer, recipe: DemoRecipe, seed: int) -> Qwen3ForCausalLM:
+    """A tiny randomly initialised Qwen3 (a Llama with RMS-normed queries and keys; no download)."""
+    config = Qwen3Config(
+        head_dim=recipe.hidden_size // recipe.num_heads,
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
@@ -198,7 +219,7 @@ def build_model(tokenizer, recipe: DemoRecipe, seed: int) -> LlamaForCausalLM:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return Qwen3ForCausalLM(config)
 
 
 class LearningCurve(TrainerCallback):
@@ -318,7 +339,7 @@ def _run_demo(
     say(
         f"ragkern demo: {len(train)} training records ({recipe.min_train_passages}..{recipe.num_passages} "
         f"passages, 1..{recipe.train_questions} questions), {len(held_out)} held-out records with "
-        f"{recipe.num_passages} passages and one question (chance {chance:.2f}); Llama {recipe.num_layers} "
+        f"{recipe.num_passages} passages and one question (chance {chance:.2f}); Qwen3 {recipe.num_layers} "
         f"layers, hidden {recipe.hidden_size}, {n_params / 1e6:.2f}M parameters"
         + ("; passage block attention" if block_attention else "")
     )
