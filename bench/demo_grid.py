@@ -146,6 +146,7 @@ def main() -> None:
     kept: list[dict] = []
     if path.exists() and not args.fresh:
         kept = json.loads(path.read_text()).get("runs", [])
+    _ragkern_command()  # fail before the first run, not after it
     jobs = [(m, c, s) for m in args.modes for c in args.capabilities for s in args.seeds]
     print(f"{len(jobs)} demo runs, {args.parallel} at a time; load average {os.getloadavg()}")
 
