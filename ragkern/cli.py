@@ -236,10 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="train a tiny Llama on an embedded synthetic RAG task on CPU and report answer accuracy",
+        help="train a tiny Qwen3 on an embedded synthetic RAG task on CPU and report answer accuracy",
         description=(
             "Builds a synthetic RAG task (fictional facts; each answer only in its oracle passage, mixed with "
-            "distractors), an offline tokenizer and a tiny Llama, fine-tunes it with RagTrainer on CPU, and "
+            "distractors), an offline tokenizer and a tiny Qwen3, fine-tunes it with RagTrainer on CPU, and "
             "reports exact-match accuracy on held-out questions before and after training. Writes the model "
             "(safetensors) and metrics.json to --output-dir."
         ),
