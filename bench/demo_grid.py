@@ -15,7 +15,7 @@ Writes bench/results/demo_grid.json: every run (keyed by mode, capability, seed;
 repeats and keeps the others, so the grid can be run in pieces), each with its own git sha and time, and per
 mode the min / median / max of accuracy_after, the control (oracle removed) and the wall time; prints them.
 The demo's promise (issue 15): accuracy_after >= 0.9 on every run and wall < 3 minutes, one run at a time on
-an idle 2-core machine.
+an idle 2-core machine. Each run also keeps the summary lines the demo printed at its end (``summary_lines``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def run_one(mode: str, capability: str, seed: int, parallel: int, quick: bool = 
         if code != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{log.read_text()[-3000:]}")
         m = json.loads((Path(out) / "metrics.json").read_text())
+        printed = log.read_text()
     reuse = m.get("cache_reuse") or {}
     return {
         "mode": mode,
@@ -87,12 +88,24 @@ def run_one(mode: str, capability: str, seed: int, parallel: int, quick: bool = 
         "tokens_per_second": m["tokens_per_second"],
         "train_steps": m["train_steps"],
         "learning_curve": [(p["step"], round(p["accuracy"], 3)) for p in m["learning_curve"]],
+        "summary_lines": _summary_lines(printed),
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in load_end],
         "runs_in_parallel": parallel,
         "git_sha": _git_sha(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _summary_lines(printed: str) -> list[str]:
+    """What the demo prints outside its progress bars: its header, the accuracy before training, and the summary
+    at its end (from "accuracy after training" on), as a user sees it."""
+    lines = [line.split("\r")[-1] for line in printed.splitlines()]
+    head = [line for line in lines if line.startswith(("ragkern demo:", "accuracy before training:"))]
+    start = printed.rfind("accuracy after training")
+    if start < 0:
+        return head
+    return head + [line.split("\r")[-1] for line in printed[start:].splitlines() if line.strip()]
 
 
 def _stats(values: list[float]) -> dict | None:
