@@ -45,10 +45,10 @@ def _data_file(path: str, what: str = "DATA") -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    metrics = run_demo(
+    # run_demo prints the summary and writes every number to metrics.json: nothing more to print here.
+    run_demo(
         output_dir=args.output_dir, seed=args.seed, quick=args.quick, block_attention=args.block_attention
     )
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
     return 0
 
 
@@ -265,10 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="train a tiny Llama on an embedded synthetic RAG task on CPU and report answer accuracy",
+        help="train a tiny Qwen3 on an embedded synthetic RAG task on CPU and report answer accuracy",
         description=(
             "Builds a synthetic RAG task (fictional facts; each answer only in its oracle passage, mixed with "
-            "distractors), an offline tokenizer and a tiny Llama, fine-tunes it with RagTrainer on CPU, and "
+            "distractors), an offline tokenizer and a tiny Qwen3, fine-tunes it with RagTrainer on CPU, and "
             "reports exact-match accuracy on held-out questions before and after training. Writes the model "
             "(safetensors) and metrics.json to --output-dir."
         ),

@@ -1,4 +1,4 @@
-"""``ragkern demo``: train a tiny Llama on CPU to answer from its oracle passage, and measure whether it does.
+"""``ragkern demo``: train a tiny model on CPU to answer from its oracle passage, and measure whether it does.
 
 The task (fictional facts, values drawn fresh per record so that only reading can answer)::
 
@@ -13,25 +13,53 @@ The model must find the passage that states the asked relation and copy its valu
 relation first, so the value is predicted right after the relation word. Copying a random passage's value
 scores 1 / num_passages (``chance``); guessing a value of the right relation without reading scores about
 1 / values_per_relation. ``accuracy_without_oracle`` re-asks the held-out questions with the oracle passage
-removed: a model that reads falls to about 1 / values_per_relation there (a guess of the right kind).
+removed: a model that reads falls to about 1 / values_per_relation there (a guess of the right kind). The
+held-out records have 4 passages and one question; each has its own draws of names, relations and values.
 
-The recipe (:class:`DemoRecipe`): a 3-layer Llama (hidden 128, tied embeddings), a word-level vocabulary of
-~180 tokens, a soft curriculum (training records have 1..num_passages passages), peak learning rate 3e-3 with
-10% warm-up and cosine decay, 2,000 steps of one packed 512-token row (~15 examples) through
-:class:`ragkern.RagTrainer`, one CPU thread (tiny matrices; on a shared machine more threads mostly wait for
-each other). Measured on an idle 2-core machine (about 2.7 minutes per run): seed 0 held-out accuracy
-0.00 -> 1.00 (0.83 at step 667, 1.00 from step 1,000; 0.08 with the oracle removed), seed 1 0.00 -> 0.89
-(0.07 without the oracle). What did not work: the same recipe over 1,200 steps (cosine: one run stopped at
-0.54; constant rate: 0.90, and drifting down to 0.75 when held for 2,000 steps), peak learning rate 1e-2
-(no reading at all in 2,000 steps), and a harder variant where all passages of a record share one relation
-(so only the name tells the oracle apart, an induction pattern), which stayed near 0.1 after 2,000 steps:
-that phase transition needs more compute than a 3-minute CPU demo has.
+The recipe (:class:`DemoRecipe`), and why:
 
-``--block-attention`` trains with the passage block mask and then answers the held-out questions twice: with
-a full block-masked prefill, and with each passage's KV cache encoded once and reused
-(:mod:`ragkern.inference`), reporting both accuracies and the prefill tokens saved (``cache_reuse``).
-``accuracy_after`` is then measured with ordinary full attention (no block mask), which the model was not
-trained for: compare it with ``cache_reuse["exact_match_full_prefill"]``.
+* training records ask about 1..4 of their passages (``"vubad metal ? kobok song ?"`` -> ``"metal pimud song
+  redon"``): up to 4 answers to read per record instead of 1, the strongest single lever (the held-out
+  questions ask one);
+* a 2-layer Qwen3 (a Llama with RMS-normed queries and keys; hidden 128, tied embeddings), AdamW with weight
+  decay 0.1: the model reads relation by relation (it learns, per relation, to attend to that relation's
+  values), and a relation whose attention has saturated on another token (0.99 on the ``<|assistant|>`` token
+  before it, we looked) gets no gradient and stays unread: the held-out accuracy then stalls at 5/8 to 7/8 of
+  the relations (0.55, 0.68, 0.78). Normed queries and keys and weight decay keep the attention logits from
+  saturating early;
+* 8 attention heads of 16 dimensions (not 4 of 32; same parameters and cost). With 4 heads, seed 0 stalled
+  with relations unread (0.57 with AVX512 kernels: city, color, river and tree unread; 0.84 with AVX2: metal
+  and river half read); with 8 it reads every relation by step 400 on the same cells. Two likely reasons (not
+  separated): twice the heads that can each pick up a relation, and with normed queries and keys a head's
+  attention logits are bounded by sqrt(head_dim) times its norm weights, so a narrower head saturates later;
+* a word-level vocabulary of ~180 tokens; a soft curriculum (training records have 1..4 passages); peak
+  learning rate 3e-3, 10% warm-up, cosine decay; 1,500 steps of one packed 512-token row (~10 examples)
+  through :class:`ragkern.RagTrainer`, on one CPU thread (tiny matrices; on a shared machine more threads
+  mostly wait for each other).
+
+Measured with `ragkern demo` itself (bench/demo_grid.py, bench/results/demo_grid.json; the runs are
+deterministic given seed and CPU kernels, so the accuracy measured on a busy machine is what an idle one
+gets), seeds 0-4 under both the default (AVX512) and ``ATEN_CPU_CAPABILITY=avx2`` kernels of an AMD EPYC:
+held-out accuracy 1.00 in all 10 runs, at least 0.9 by step 450 in 8 runs and by step 600 in all 10 (the other
+two: 0.76 and 0.86 at step 450), then held at 1.00; 0.06-0.11 with the oracle removed. Run one at a time at
+load average ~1: 60-68 s wall per run, equal to its CPU time (one thread).
+
+What did not work (same grid cells, by steps): the previous recipe (3-layer Llama, one question per record,
+2,000 steps) stalled at 0.68 on seed 0 with AVX512 kernels (3 relations of 8 unread) where AVX2 reached
+1.00: a rounding edge. Asking about several passages made that Llama reach 1.00 by step 1,200, but over
+1,500 steps it stalled at 0.30; with 2 layers 6 of 8 runs reached 1.00 and two stalled (0.55, 0.78);
+adding weight decay 0.1 still left one of 7 at 0.68; a Llama with weight decay and a peak rate of 1.5e-3
+reached 1.00 on all 10 but later (step 600-900 for 0.9). One value pool shared by all relations (so only
+an induction head can read) stayed at chance (0.27) after 1,500 steps; 4 relations instead of 8 stayed at
+0.21; an answer "metal is pimud" (a fixed token before the value) stalled at 0.30 and 0.50.
+
+``--block-attention`` trains with the passage block mask (each passage sees only itself) and scores every
+answer, the learning curve included, under that mask: ``accuracy_after`` is the block-masked accuracy. It then
+answers the held-out questions again with each passage's KV cache encoded once and reused
+(:mod:`ragkern.inference`), reporting that accuracy and the prefill tokens saved (``cache_reuse``). Same grid,
+same recipe: 1.00 block-masked and 1.00 with reused caches in all 10 runs, at least 0.98 by step 600 in all
+(0.14-0.87 at step 450 on seeds 1, 3, 4); 0.06-0.12 with the oracle removed; 69-78 s of CPU time per run (seed
+0: 77 s wall).
 """
 
 from __future__ import annotations
@@ -43,10 +71,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import Qwen3Config, Qwen3ForCausalLM, TrainerCallback
 
 from .data import build_word_tokenizer
-from .evaluate import evaluate_answers
+from .evaluate import cited_markers, evaluate_answers
 
 _ONSETS = "b d f g k l m n p r s t v z".split()
 _VOWELS = "a e i o u".split()
@@ -61,22 +89,23 @@ class DemoRecipe:
     num_names: int = 24  # fictional names
     num_relations: int = 8  # relations (city, color, ...); each passage of a record states a different one
     distinct_relations: bool = True
+    train_questions: int = 4  # a training record asks about 1..train_questions of its passages (held-out: 1)
     values_per_relation: int = 12  # fictional values per relation (answers), drawn fresh per record
     train_records: int = 12_000  # encoded once (about 10 s); steps beyond one epoch reshuffle them
     eval_records: int = 300  # held-out, distinct records
     curve_records: int = 100  # held-out records scored at each learning-curve point
-    curve_points: int = 6
+    curve_points: int = 10
     hidden_size: int = 128
-    num_layers: int = 3
-    num_heads: int = 4
+    num_layers: int = 2
+    num_heads: int = 8  # head_dim 16: more heads to pick up each relation, later saturation (see above)
     intermediate_size: int = 256
-    max_steps: int = 2000
+    max_steps: int = 1500
     bins_per_step: int = 1
     max_length: int = 512  # tokens per packed bin
     learning_rate: float = 3e-3
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     extra: dict = field(default_factory=dict)
 
 
@@ -127,13 +156,21 @@ def task_vocabulary(recipe: DemoRecipe) -> TaskVocabulary:
 
 
 def make_records(
-    n: int, *, seed: int, recipe: DemoRecipe | None = None, num_passages: int | tuple[int, int] | None = None
+    n: int,
+    *,
+    seed: int,
+    recipe: DemoRecipe | None = None,
+    num_passages: int | tuple[int, int] | None = None,
+    questions: int = 1,
 ) -> list[dict]:
     """``n`` RAFT records ``{"question", "passages", "answer", "oracle"}``, deterministic in ``seed``.
 
     ``num_passages`` is an int, or a range ``(lo, hi)`` drawn per record (default: ``recipe.num_passages``).
     A record's passages state facts about distinct names with distinct relations; every value is drawn
     fresh, so the answer occurs only in the oracle passage and cannot be memorised.
+
+    ``questions > 1`` asks about 1..questions of a record's passages (as many as it has at most), in random
+    order: ``"vubad metal ? kobok song ?"`` -> ``"metal pimud song redon"``, ``oracle`` = the asked passages.
     """
     recipe = recipe or DemoRecipe()
     vocab = task_vocabulary(recipe)
@@ -142,6 +179,8 @@ def make_records(
     lo, hi = (num_passages, num_passages) if isinstance(num_passages, int) else num_passages
     if not 1 <= lo <= hi <= len(vocab.relations):
         raise ValueError(f"num_passages={num_passages} must be >= 1 and at most {len(vocab.relations)}")
+    if questions < 1:
+        raise ValueError(f"questions={questions} must be >= 1")
     rng = random.Random(seed)
     records = []
     for _ in range(n):
@@ -153,13 +192,15 @@ def make_records(
         else:  # one relation for the whole record: only the name tells the oracle apart
             relations = [rng.choice(vocab.relations)] * k
             values = rng.sample(vocab.values[relations[0]], k)
-        o = rng.randrange(k)
+        asked = (
+            [rng.randrange(k)] if questions == 1 else rng.sample(range(k), rng.randint(1, min(questions, k)))
+        )
         records.append(
             {
-                "question": f"{names[o]} {relations[o]} ?",
+                "question": " ".join(f"{names[o]} {relations[o]} ?" for o in asked),
                 "passages": [f"{a} {r} {v}" for a, r, v in zip(names, relations, values)],
-                "answer": f"{relations[o]} {values[o]}",
-                "oracle": [o],
+                "answer": " ".join(f"{relations[o]} {values[o]}" for o in asked),
+                "oracle": sorted(asked),
             }
         )
     return records
@@ -170,9 +211,10 @@ def build_tokenizer(recipe: DemoRecipe | None = None):
     return build_word_tokenizer(["passages", "question", *task_vocabulary(recipe or DemoRecipe()).words()])
 
 
-def build_model(tokenizer, recipe: DemoRecipe, seed: int) -> LlamaForCausalLM:
-    """A tiny randomly initialised Llama (no download)."""
-    config = LlamaConfig(
+def build_model(tokenizer, recipe: DemoRecipe, seed: int) -> Qwen3ForCausalLM:
+    """A tiny randomly initialised Qwen3 (a Llama with RMS-normed queries and keys; no download)."""
+    config = Qwen3Config(
+        head_dim=recipe.hidden_size // recipe.num_heads,
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
@@ -186,16 +228,23 @@ def build_model(tokenizer, recipe: DemoRecipe, seed: int) -> LlamaForCausalLM:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return Qwen3ForCausalLM(config)
 
 
 class LearningCurve(TrainerCallback):
     """Scores held-out records at a few training steps: ``points`` = [{step, seconds, accuracy}]."""
 
-    def __init__(self, tokenizer, records: list[dict], steps: list[int], quiet: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        records: list[dict],
+        steps: list[int],
+        quiet: bool = False,
+        block_attention: bool = False,
+    ):
         self.tokenizer, self.records, self.steps = tokenizer, records, set(steps)
         self.points: list[dict] = []
-        self.quiet = quiet
+        self.quiet, self.block_attention = quiet, block_attention
         self._start = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -203,7 +252,9 @@ class LearningCurve(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
-            acc = evaluate_answers(model, self.tokenizer, self.records, max_new_tokens=4)["exact_match"]
+            acc = evaluate_answers(
+                model, self.tokenizer, self.records, max_new_tokens=4, block_attention=self.block_attention
+            )["exact_match"]
             point = {
                 "step": state.global_step,
                 "seconds": round(time.perf_counter() - self._start, 1),
@@ -279,24 +330,38 @@ def _run_demo(
         seed=seed * 1000 + 1,
         recipe=recipe,
         num_passages=(recipe.min_train_passages, recipe.num_passages),
+        questions=recipe.train_questions,
     )
     held_out = make_records(n_eval, seed=seed * 1000 + 2, recipe=recipe)
     curve_set = held_out[: min(recipe.curve_records, n_eval)]
     model = build_model(tokenizer, recipe, seed)
+    if block_attention:  # the block mask lives in the "ragkern" attention; RagTrainer would switch it anyway
+        model.set_attn_implementation("ragkern")
+
+    def accuracy(records: list[dict]) -> dict:
+        # A block-attention model answers under the block mask it was trained with.
+        return evaluate_answers(model, tokenizer, records, max_new_tokens=4, block_attention=block_attention)
 
     say = (lambda *a: None) if quiet else print
+    n_params = sum(p.numel() for p in model.parameters())
     chance = 1.0 / recipe.num_passages
     say(
-        f"ragkern demo: {len(train)} training records ({recipe.min_train_passages}..{recipe.num_passages} passages), {len(held_out)} held-out "
-        f"records with {recipe.num_passages} passages (chance {chance:.2f}); Llama {recipe.num_layers} layers, "
-        f"hidden {recipe.hidden_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+        f"ragkern demo: {len(train)} training records ({recipe.min_train_passages}..{recipe.num_passages} "
+        f"passages, 1..{recipe.train_questions} questions), {len(held_out)} held-out records with "
+        f"{recipe.num_passages} passages and one question (chance {chance:.2f}); Qwen3 {recipe.num_layers} "
+        f"layers, hidden {recipe.hidden_size}, {n_params / 1e6:.2f}M parameters"
+        + ("; passage block attention" if block_attention else "")
     )
-    before = evaluate_answers(model, tokenizer, held_out, max_new_tokens=4)["exact_match"]
+    before = accuracy(held_out)["exact_match"]
     say(f"accuracy before training: {before:.3f}")
 
     n_points = min(recipe.curve_points, steps)
     curve = LearningCurve(
-        tokenizer, curve_set, [round(steps * (i + 1) / n_points) for i in range(n_points)], quiet=quiet
+        tokenizer,
+        curve_set,
+        [round(steps * (i + 1) / n_points) for i in range(n_points)],
+        quiet=quiet,
+        block_attention=block_attention,
     )
     args = RagTrainingArguments(
         output_dir=str(out),
@@ -324,11 +389,9 @@ def _run_demo(
     result = trainer.train()
     train_seconds = time.perf_counter() - t_train
 
-    final = evaluate_answers(model, tokenizer, held_out, max_new_tokens=4)
+    final = accuracy(held_out)
     after = final["exact_match"]
-    no_oracle = evaluate_answers(model, tokenizer, [_without_oracle(r) for r in held_out], max_new_tokens=4)[
-        "exact_match"
-    ]
+    no_oracle = accuracy([_without_oracle(r) for r in held_out])["exact_match"]
     reuse = None
     if block_attention:
         from .inference import evaluate_cache_reuse
@@ -350,8 +413,10 @@ def _run_demo(
         "train_loss": result.metrics.get("train_loss"),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
         "learning_curve": curve.points,
-        "examples": final["predictions"][:5],
+        "examples": _without_citations(final["predictions"][:5], held_out),
         "recipe": asdict(recipe),
         "seed": seed,
     }
@@ -360,17 +425,21 @@ def _run_demo(
     tokenizer.save_pretrained(out)
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    how = " (block-masked, as trained)" if block_attention else ""
     say(
-        f"accuracy after training: {after:.3f} (before {before:.3f}, chance {chance:.2f}) on {len(held_out)} "
-        f"held-out records | fill ratio {metrics['fill_ratio']} | {metrics['tokens_per_second']} tokens/s | "
-        f"training {train_seconds:.0f} s, total {metrics['total_seconds']:.0f} s"
+        f"accuracy after training{how}: {after:.3f} (before {before:.3f}, chance {chance:.2f}) on "
+        f"{len(held_out)} held-out records | fill ratio {metrics['fill_ratio']} | "
+        f"{metrics['tokens_per_second']:.0f} tokens/s on {metrics['torch_threads']} thread(s), "
+        f"{metrics['cpu_capability']} kernels | training {train_seconds:.0f} s, "
+        f"total {metrics['total_seconds']:.0f} s"
     )
     say(f"control: accuracy with the oracle passage removed: {no_oracle:.3f} (the answer is only in it)")
     if reuse is not None:
         say(
-            f"block attention: accuracy with full prefill {reuse['exact_match_full_prefill']:.3f} vs reused passage "
-            f"caches {reuse['exact_match_cached']:.3f} (same answer on {reuse['agreement']:.1%}); prefill tokens "
-            f"{reuse['prefill_tokens_full']} -> {reuse['prefill_tokens_cached']} "
+            f"block attention: accuracy with reused passage caches {reuse['exact_match_cached']:.3f} vs a "
+            f"full block-masked prefill {reuse['exact_match_full_prefill']:.3f} (same answer on "
+            f"{reuse['agreement']:.1%}); "
+            f"prefill tokens {reuse['prefill_tokens_full']} -> {reuse['prefill_tokens_cached']} "
             f"({reuse['prefill_saved_fraction']:.1%} saved; {reuse['passage_tokens_encoded']} passage tokens "
             "encoded once, offline)"
         )
@@ -380,3 +449,11 @@ def _run_demo(
     )
     say(f"model and metrics.json written to {out}")
     return metrics
+
+
+def _without_citations(predictions: list[dict], records: list[dict]) -> list[dict]:
+    """``predictions`` without ``cites_oracle`` when no answer of the task carries a citation marker (the
+    demo's answers cite nothing, so "cites_oracle: false" would only be noise)."""
+    if any(cited_markers(r["answer"]) for r in records):
+        return predictions
+    return [{k: v for k, v in p.items() if k != "cites_oracle"} for p in predictions]

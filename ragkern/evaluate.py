@@ -33,7 +33,7 @@ from __future__ import annotations
 import inspect
 import re
 import string
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 from tqdm.auto import tqdm
@@ -182,6 +182,7 @@ def generate_answers(
     batch_size: int = 64,
     max_new_tokens: int = 16,
     show_progress: bool = False,
+    block_attention: bool = False,
 ) -> list[str]:
     """Greedy answers, one decoded string per record (special tokens dropped), in the order of ``records``.
 
@@ -191,12 +192,21 @@ def generate_answers(
     ``max_new_tokens``. Greedy answers are those of ``model.generate(do_sample=False)`` with the same stop
     tokens, on any attention implementation that honours a padding mask (eager, sdpa and "ragkern" are tested).
     ``show_progress`` shows a progress bar over the records.
+
+    ``block_attention=True`` answers as a model trained with ``block_attention=True`` was trained: under the
+    passage block mask (each passage sees only itself; generated tokens are block 0), the prompts of equal
+    length packed ``batch_size`` at a time into one row, the whole prefix run at every step (no KV cache; the
+    model must be on the "ragkern" attention). :mod:`ragkern.inference` reuses cached passages instead.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1")
+    stop = stop_token_ids(model, tokenizer)
+    if block_attention:
+        return _block_masked_answers(
+            model, tokenizer, records, batch_size, max_new_tokens, stop, show_progress
+        )
     prompts = [tokenizer(render_prompt(r, tokenizer), add_special_tokens=False)["input_ids"] for r in records]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: peak memory up front
-    stop = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     was_training = model.training
     model.eval()
@@ -219,6 +229,82 @@ def generate_answers(
     finally:
         model.train(was_training)
     return answers
+
+
+def _block_masked_answers(
+    model,
+    tokenizer,
+    records: list[dict],
+    batch_size: int,
+    max_new_tokens: int,
+    stop: set[int],
+    show_progress: bool,
+) -> list[str]:
+    """:func:`generate_answers` with ``block_attention=True``: equal-length prompts packed into one row per
+    batch, ``input_ids`` (B, T) and ``block_ids`` (B, T), the whole prefix under the block mask at every step."""
+    if getattr(model.config, "_attn_implementation", None) != "ragkern":
+        raise ValueError(
+            "block_attention=True needs the model on the 'ragkern' attention (the block mask is applied there); "
+            "call model.set_attn_implementation('ragkern')"
+        )
+    by_length: dict[int, list[tuple[int, list[int], list[int]]]] = defaultdict(list)
+    for i, record in enumerate(records):
+        ids, blocks = _prompt_blocks(record, tokenizer, i)
+        by_length[len(ids)].append((i, ids, blocks))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers: list[str] = [""] * len(records)
+    batches = [g[s : s + batch_size] for g in by_length.values() for s in range(0, len(g), batch_size)]
+    try:
+        for chunk in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
+            ids = torch.tensor([p for _, p, _ in chunk], device=device)  # (B, T)
+            blocks = torch.tensor([b for _, _, b in chunk], dtype=torch.int32, device=device)  # (B, T)
+            new = torch.empty(len(chunk), 0, dtype=torch.long, device=device)  # (B, generated)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                logits = _block_masked_logits(model, torch.cat([ids, new], dim=1), blocks)  # (B, V)
+                nxt = logits.argmax(-1)
+                new = torch.cat([new, nxt[:, None]], dim=1)
+                done |= torch.tensor([int(t) in stop for t in nxt], device=device)
+                if bool(done.all()):
+                    break
+            for (i, _, _), row in zip(chunk, new.tolist()):
+                cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+                answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def _prompt_blocks(record: dict, tokenizer, index: int) -> tuple[list[int], list[int]]:
+    """A record's prompt tokens (up to the answer slot) and their passage block ids, as in training."""
+    from .data import encode
+
+    ex = encode(record, tokenizer)
+    cut = next((j for j, lab in enumerate(ex["labels"]) if lab != -100), None)
+    if cut is None:
+        raise ValueError(f"record {index} has no answer tokens to evaluate")
+    return ex["input_ids"][:cut], ex["block_ids"][:cut]
+
+
+def _block_masked_logits(model, ids: torch.Tensor, prompt_blocks: torch.Tensor) -> torch.Tensor:
+    """Last-position logits ``(B, V)`` of B equal-length sequences ``ids`` (B, T') packed into one row under
+    the passage block mask; ``prompt_blocks`` (B, T) covers the prompts, later tokens are block 0."""
+    b, t = ids.shape
+    blocks = torch.zeros(b, t, dtype=torch.int32, device=ids.device)
+    blocks[:, : prompt_blocks.shape[1]] = prompt_blocks
+    cu = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=ids.device)  # (B + 1,)
+    logits = model(
+        input_ids=ids.reshape(1, -1),
+        position_ids=torch.arange(t, device=ids.device).repeat(b)[None],
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=t,
+        max_length_k=t,
+        block_ids=blocks.reshape(1, -1),
+    ).logits[0]  # (B * T', V)
+    return logits[cu[1:].long() - 1]
 
 
 def _mean(values: list) -> float | None:
@@ -279,11 +365,12 @@ def evaluate_answers(
     batch_size: int = 64,
     max_new_tokens: int = 16,
     show_progress: bool = False,
+    block_attention: bool = False,
 ) -> dict:
     """Greedy answers on RAFT records, scored by :func:`score_predictions` (exact match, token F1, citation of
     the oracle, each overall and per oracle split); every prediction holds the record's ``index``, the
     parsed ``prediction``, the raw ``generated`` text, the reference ``answer``, its scores, ``oracle`` and
-    ``split``."""
+    ``split``. ``block_attention=True`` decodes under the passage block mask (see :func:`generate_answers`)."""
     if not records:
         raise ValueError("evaluate_answers needs at least one record")
     generated = generate_answers(
@@ -293,6 +380,7 @@ def evaluate_answers(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         show_progress=show_progress,
+        block_attention=block_attention,
     )
     return score_predictions(records, generated)
 

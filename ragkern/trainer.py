@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from .attention import NAME as RAGKERN_ATTENTION
 from .attention import check_packed_row, mark_checked
@@ -386,6 +387,23 @@ class _SamplerEpoch(TrainerCallback):
             sampler.set_epoch(int(state.epoch or 0))
 
 
+class _NumericProgressCallback(ProgressCallback):
+    """Trainer's progress bar, with logged numbers printed as numbers (4 significant digits) where
+    ``ProgressCallback`` prints them as quoted strings (``'loss': '0.3918'``)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            shown = {}
+            for k, v in logs.items():
+                if isinstance(v, float):
+                    v = float(f"{v:.4g}")
+                elif isinstance(v, str) and len(v) > self.max_str_len:
+                    v = f"[String too long to display, length: {len(v)} > {self.max_str_len}]"
+                shown[k] = v
+            shown.pop("total_flos", None)
+            self.training_bar.write(str(shown))
+
+
 class RagTrainer(Trainer):
     """A ``transformers.Trainer`` for retrieval-augmented fine-tuning, with the same constructor.
 
@@ -493,6 +511,10 @@ class RagTrainer(Trainer):
         self._step_counts: torch.Tensor | None = None  # loss_normalization != "token": this step's divisors
         self._source_weight = self._check_source_weights()
         self.add_callback(_SamplerEpoch(self))
+        handler = self.callback_handler
+        for i, cb in enumerate(handler.callbacks):
+            if type(cb) is ProgressCallback:
+                handler.callbacks[i] = _NumericProgressCallback(max_str_len=cb.max_str_len)
         self._apply_fused_lora()
         self._ready = True
 

@@ -5,7 +5,9 @@ import torch
 
 from ragkern import PackingCollator
 from ragkern.data import encode
+from ragkern.evaluate import generate_answers
 from ragkern.inference import (
+    block_masked_greedy,
     encode_passage,
     greedy_continue,
     load_caches,
@@ -151,3 +153,28 @@ def test_triton_block_path_matches_the_torch_path(monkeypatch, one_thread):
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batched_block_masked_answers_equal_one_by_one():
+    """evaluate's block_attention=True packs a batch of prompts into one row under the passage block mask: the
+    answers equal block_masked_greedy's, record by record."""
+    tok = word_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    records = [
+        RECORD,
+        {**RECORD, "passages": [RECORD["passages"][0], "delta is born of spain", RECORD["passages"][2]]},
+        {**RECORD, "passages": ["gamma works in madrid city", "alpha lives in rome"]},
+        {**RECORD, "question": "who works in paris?"},
+    ]
+    stop = set(tok.all_special_ids)
+    answers = generate_answers(model, tok, records, batch_size=2, max_new_tokens=4, block_attention=True)
+    expected = []
+    for record in records:
+        ids, blocks = prompt_of(encode(record, tok))
+        out = block_masked_greedy(model, ids, blocks, max_new_tokens=4, stop_ids=stop)
+        expected.append(tok.decode(out, skip_special_tokens=True).strip())
+    assert answers == expected and any(expected)
+    with pytest.raises(ValueError, match="ragkern"):
+        generate_answers(
+            tiny_model("llama", vocab_size=len(tok), attn="sdpa"), tok, records, block_attention=True
+        )

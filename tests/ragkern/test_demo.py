@@ -42,6 +42,27 @@ def test_answer_only_in_oracle_passage(num_passages, distinct):
         assert lo <= len(r["passages"]) <= hi
 
 
+@pytest.mark.parametrize("questions", [2, 4])
+def test_training_records_ask_about_several_passages(questions):
+    """A training record asks about 1..questions of its passages; each answer pair is its passage's fact."""
+    records = make_records(600, seed=5, num_passages=(1, 4), questions=questions)
+    counts = set()
+    for r in records:
+        asked = r["question"].split(" ?")[:-1]
+        pairs = r["answer"].split()
+        assert len(pairs) == 2 * len(asked) == 2 * len(r["oracle"]) and len(asked) <= len(r["passages"])
+        counts.add(len(asked))
+        facts = {tuple(p.split()[:2]): p.split()[2] for p in r["passages"]}
+        for q, relation, value in zip(asked, pairs[::2], pairs[1::2]):
+            name, asked_relation = q.split()
+            assert asked_relation == relation and facts[(name, relation)] == value
+        assert sorted(r["oracle"]) == r["oracle"]
+        assert {tuple(r["passages"][k].split()[:2]) for k in r["oracle"]} == {tuple(q.split()) for q in asked}
+    assert counts == set(range(1, questions + 1))
+    with pytest.raises(ValueError, match="questions"):
+        make_records(3, seed=0, questions=0)
+
+
 def test_answers_are_fresh_per_record():
     """Values are re-drawn per record: a (name, relation)'s value changes between records."""
     seen: dict[tuple[str, str], set[str]] = {}
@@ -86,6 +107,9 @@ def test_run_demo_smoke(tmp_path):
     assert 0.0 < saved["fill_ratio"] <= 1.0 and saved["tokens_per_second"] > 0
     assert [p["step"] for p in saved["learning_curve"]] == [2, 3]
     assert saved["cache_reuse"] is None and saved["block_attention"] is False
+    assert saved["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and saved["torch_threads"] == 1
+    # The demo's answers cite no passage: no "cites_oracle" noise in its metrics.
+    assert saved["examples"] and not any("cites_oracle" in e for e in saved["examples"])
     assert (tmp_path / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(model(input_ids=torch.tensor([[2, 4, 5]])).logits, torch.Tensor)
@@ -106,3 +130,21 @@ def test_run_demo_block_attention_reports_cache_reuse(tmp_path):
         1 - reuse["prefill_tokens_cached"] / reuse["prefill_tokens_full"]
     )
     assert reuse["passage_tokens_encoded"] > 0
+    # accuracy_after and the learning curve answer under the block mask the model was trained with.
+    assert metrics["accuracy_after"] == pytest.approx(
+        reuse["exact_match_full_prefill"], abs=1 - reuse["agreement"]
+    )
+
+
+def test_demo_command_prints_its_summary_once(tmp_path, capsys):
+    from ragkern.cli import main
+
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "full")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("accuracy after training: ") == 1 and out.count("control: ") == 1
+    assert '"accuracy_after"' not in out  # metrics.json holds the numbers; they are not printed again
+    assert "'loss': '" not in out and "'loss': " in out  # Trainer's logs show numbers, not quoted strings
+    assert main(["demo", "--quick", "--block-attention", "--output-dir", str(tmp_path / "block")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("accuracy after training (block-masked, as trained): ") == 1
+    assert out.count("block attention: accuracy with reused passage caches") == 1

@@ -206,3 +206,20 @@ def test_loss_is_logged_per_source(tmp_path):
             count += sum(t != -100 for t in ex["labels"][1:])
         assert logged[f"loss/{name}"] == pytest.approx(total / count, rel=1e-4)
     assert logged["loss/raft"] != logged["loss/instruct"]
+
+
+def test_progress_bar_logs_print_numbers_not_quoted_strings(tmp_path, capsys):
+    """Trainer's ProgressCallback prints "'loss': '0.3918'"; RagTrainer's progress logs print numbers."""
+    tok = word_tokenizer()
+    records = [{"question": "who lives in rome?", "passages": ["alpha lives in rome"], "answer": "alpha"}] * 4
+    trainer = RagTrainer(
+        model=tiny_model("llama", vocab_size=len(tok)),
+        args=args(tmp_path, max_length=64, max_steps=2, disable_tqdm=False),
+        train_dataset=records,
+        processing_class=tok,
+    )
+    trainer.train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(printed) == 3  # two steps and the final summary
+    assert all("': '" not in line for line in printed)
+    assert "'loss': " in printed[0] and "'train_runtime': " in printed[-1]
