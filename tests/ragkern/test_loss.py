@@ -127,7 +127,8 @@ def test_unrecognised_model_falls_back(caplog, fused_calls):
     assert any("'gpt2'" in m for m in loss_mod._logged)
 
 
-def test_trainer_step_fused_equals_plain(tmp_path, fused_calls):
+def trainer_step_grads(tmp_path, **loss_args) -> list[dict]:
+    """Parameter gradients of one RagTrainer SGD step on the same packed examples, fused loss then plain loss."""
     examples = random_examples([9, 4, 11, 6, 14, 7], answer_tail=3, seed=6)
     grads = []
     for fused in (True, False):
@@ -135,10 +136,15 @@ def test_trainer_step_fused_equals_plain(tmp_path, fused_calls):
         a = RagTrainingArguments(
             output_dir=str(tmp_path / str(fused)), max_length=32, per_device_train_batch_size=2, max_steps=1,
             optim="sgd", learning_rate=0.5, max_grad_norm=0.0, report_to=[], save_strategy="no",
-            disable_tqdm=True, seed=7, fused_loss=fused,
+            disable_tqdm=True, seed=7, fused_loss=fused, **loss_args,
         )  # fmt: skip
         RagTrainer(model=tiny_model("qwen3"), args=a, train_dataset=examples, callbacks=[capture]).train()
         grads.append(capture.grads)
+    return grads
+
+
+def test_trainer_step_fused_equals_plain(tmp_path, fused_calls):
+    grads = trainer_step_grads(tmp_path)
     assert fused_calls  # the first run used the fused kernel
     assert max_rel_diff(grads[0], grads[1]) < 1e-5
 
@@ -155,17 +161,7 @@ def test_chunked_triton_equals_plain_on_a_packed_row(family, triton_backend):
 def test_trainer_step_fused_loss_impl_equals_plain(tmp_path, triton_backend, impl):
     """RagTrainingArguments.fused_loss_impl reaches the kernel: a training step with each design (triton
     backend) gives the plain loss's update."""
-    examples = random_examples([9, 4, 11, 6, 14, 7], answer_tail=3, seed=6)
-    grads = []
-    for fused in (True, False):
-        capture = GradCapture()
-        a = RagTrainingArguments(
-            output_dir=str(tmp_path / str(fused)), max_length=32, per_device_train_batch_size=2, max_steps=1,
-            optim="sgd", learning_rate=0.5, max_grad_norm=0.0, report_to=[], save_strategy="no",
-            disable_tqdm=True, seed=7, fused_loss=fused, fused_loss_impl=impl,
-        )  # fmt: skip
-        RagTrainer(model=tiny_model("qwen3"), args=a, train_dataset=examples, callbacks=[capture]).train()
-        grads.append(capture.grads)
+    grads = trainer_step_grads(tmp_path, fused_loss_impl=impl)
     assert triton_backend and all(k["impl"] == impl for k in triton_backend)
     assert max_rel_diff(grads[0], grads[1]) < 1e-5
 
