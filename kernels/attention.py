@@ -595,9 +595,17 @@ def _tile_lists(
     return cnt.contiguous(), first.to(torch.int32).contiguous(), tq, tk
 
 
+def _version(t: torch.Tensor) -> int:
+    """A tensor's in-place version; -1 for an inference tensor (``torch.inference_mode``), which has none."""
+    return -1 if t.is_inference() else t._version
+
+
 def _source(cu_seqlens: torch.Tensor, block_ids: torch.Tensor) -> tuple[int, ...]:
-    """What a BlockTiles was built from: storage and in-place version of both tensors (host metadata only)."""
-    return (cu_seqlens.data_ptr(), cu_seqlens._version, block_ids.data_ptr(), block_ids._version)
+    """What a BlockTiles was built from: storage and in-place version of both tensors (host metadata only;
+    empty while torch.compile traces, where tensors have no storage to name)."""
+    if torch.compiler.is_compiling():
+        return ()
+    return (cu_seqlens.data_ptr(), _version(cu_seqlens), block_ids.data_ptr(), _version(block_ids))
 
 
 @dataclass(frozen=True, eq=False)
@@ -689,6 +697,8 @@ def _check_tiles(tiles: BlockTiles, q, cu_seqlens, max_seqlen, causal, block_ids
     """Refuse lists built for another row or configuration: they would read out of range or mask wrongly."""
     if block_ids is None:
         raise ValueError("block_tiles was given without block_ids; pass the block_ids it was built from")
+    if torch.compiler.is_compiling():
+        return  # no host metadata to compare in a traced graph
     cfgs = _configs(q.shape[2], q.dtype, q.device)
     built = (tiles.configs, tiles.causal, tiles.max_seqlen, tiles.source)
     configs = (cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])

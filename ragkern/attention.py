@@ -79,6 +79,8 @@ def check_packed_row(
 def mark_checked(cu_q: torch.Tensor, cu_k: torch.Tensor | None, longest: int) -> None:
     """Record ``cu_q``/``cu_k`` (e.g. after moving checked host tensors to the GPU) as checked, with the row's
     longest example, so the attention layers skip :func:`check_packed_row`."""
+    if cu_q.is_inference():
+        return  # no version counter to tell an in-place edit: every layer checks the row itself
     if len(_checked) > 64:
         _checked.clear()
     k_ref = None if cu_k is None or cu_k is cu_q else weakref.ref(cu_k)
@@ -86,7 +88,7 @@ def mark_checked(cu_q: torch.Tensor, cu_k: torch.Tensor | None, longest: int) ->
 
 
 def _checked_longest(cu_q: torch.Tensor, cu_k: torch.Tensor | None) -> int | None:
-    entry = _checked.get(id(cu_q))
+    entry = None if cu_q.is_inference() else _checked.get(id(cu_q))
     if entry is None or entry[0]() is not cu_q or entry[1] != cu_q._version:
         return None
     if cu_k is not None and cu_k is not cu_q and (entry[2] is None or entry[2]() is not cu_k):
@@ -118,6 +120,13 @@ def _block_row(
     """A packed row's int32 offsets ``(n + 1,)`` and block ids ``(T,)`` on q's device, and their tile lists, built
     once per batch: keyed on the batch's ``block_ids`` and ``cu_seq_lens_q`` tensors (identity and in-place
     version) and the kernel configuration. ``backward``: the lists of the backward are needed too."""
+    if block_arg.is_inference() or cu_arg.is_inference():  # no version counters: build for this call only
+        blk = block_arg.reshape(-1).to(device=q.device, dtype=torch.int32)
+        return (
+            cu,
+            blk,
+            block_tiles(cu, blk, max_len, head_dim=q.shape[2], dtype=q.dtype, causal=causal, backward=False),
+        )
     config = (max_len, bool(causal), q.shape[2], q.dtype, q.device)
     key = (id(cu_arg), cu_arg._version, block_arg._version, *config)
     entries = _row_tiles.get(block_arg)

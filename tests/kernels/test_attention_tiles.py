@@ -255,3 +255,17 @@ def test_a_layer_with_prebuilt_tiles_costs_what_one_without_blocks_costs(monkeyp
     assert prebuilt.launches == plain.launches and prebuilt.host_reads == 0
     assert build.host_reads == 0 and per_call.host_reads == 0
     assert per_call.launches >= plain.launches + build.launches - 5  # what every layer paid before
+
+
+def test_block_masks_run_under_inference_mode():
+    """Inference tensors have no version counter: the lists are named without one, per call or prebuilt, and
+    the output equals the one outside inference mode."""
+    q, k, v, _, cu, ids = make_inputs([21, 34], 2, 1, 16, torch.float32, blocks=True, seed=13)
+    want = varlen_attention(q, k, v, cu, 34, block_ids=ids, backend="triton")
+    with torch.inference_mode():
+        q_, k_, v_, cu_, ids_ = (x.clone() for x in (q, k, v, cu, ids))
+        assert ids_.is_inference()
+        per_call = varlen_attention(q_, k_, v_, cu_, 34, block_ids=ids_, backend="triton")
+        tiles = block_tiles(cu_, ids_, 34, head_dim=16, dtype=torch.float32, backward=False)
+        prebuilt = varlen_attention(q_, k_, v_, cu_, 34, block_ids=ids_, backend="triton", block_tiles=tiles)
+    assert torch.equal(per_call, want) and torch.equal(prebuilt, want)

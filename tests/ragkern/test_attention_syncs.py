@@ -223,3 +223,17 @@ def test_tile_lists_die_with_their_batch(spy, monkeypatch):
     del batch
     gc.collect()
     assert len(ragkern.attention._row_tiles) == 0
+
+
+def test_block_rows_run_under_inference_mode(monkeypatch):
+    """A block-masked packed forward under torch.inference_mode (no version counters to key the row's checks
+    and tile lists on) on the Triton path gives the logits of the same forward under no_grad."""
+    monkeypatch.setattr(ragkern.attention, "_triton_path", lambda q: True)
+    batch = block_batch(lengths=(9, 4, 13))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = tiny_model("llama", num_hidden_layers=2).eval()
+    with torch.no_grad():
+        want = model(**inputs).logits
+    with torch.inference_mode():
+        got = model(**{k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()}).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
