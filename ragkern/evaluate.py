@@ -303,6 +303,7 @@ def _block_masked_logits(model, ids: torch.Tensor, prompt_blocks: torch.Tensor) 
         max_length_q=t,
         max_length_k=t,
         block_ids=blocks.reshape(1, -1),
+        use_cache=False,  # the whole prefix runs at every step: a cache would only hold memory
     ).logits[0]  # (B * T', V)
     return logits[cu[1:].long() - 1]
 

@@ -63,14 +63,16 @@ class RagTrainingArguments(TrainingArguments):
     )
     fused_loss: bool = field(
         default=True,
-        metadata={"help": "Use the fused linear + cross-entropy loss (never materialises the logits of all tokens)."},
+        metadata={
+            "help": "Use the fused linear + cross-entropy loss (never materialises the logits of all tokens)."
+        },
     )
     fused_loss_impl: str = field(
         default="auto",
         metadata={
             "help": "Design of the fused loss: 'chunked' (logits of <= 256 MiB of target rows at a time on cuBLAS, "
             "one Triton kernel per chunk for the softmax and its gradient), 'fused' (Triton kernels that never "
-            "hold logits, about 5x slower; CUDA only) or 'auto' (chunked).",
+            "hold logits, 3-5x slower on an H200; CUDA only) or 'auto' (chunked).",
             "choices": list(FUSED_LOSS_IMPLS),
         },
     )
