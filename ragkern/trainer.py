@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .attention import NAME as RAGKERN_ATTENTION
 from .attention import check_packed_row, mark_checked
@@ -389,21 +389,34 @@ class _SamplerEpoch(TrainerCallback):
             sampler.set_epoch(int(state.epoch or 0))
 
 
+def _shown(logs: dict, max_str_len: int | None = None) -> dict:
+    """Logs as printed: floats as numbers of 4 significant digits (transformers prints them as quoted strings,
+    ``'loss': '0.3918'``), long strings elided, ``total_flos`` left out."""
+    shown = {}
+    for k, v in logs.items():
+        if isinstance(v, float):
+            v = float(f"{v:.4g}")
+        elif isinstance(v, str) and max_str_len is not None and len(v) > max_str_len:
+            v = f"[String too long to display, length: {len(v)} > {max_str_len}]"
+        shown[k] = v
+    shown.pop("total_flos", None)
+    return shown
+
+
 class _NumericProgressCallback(ProgressCallback):
-    """Trainer's progress bar, with logged numbers printed as numbers (4 significant digits) where
-    ``ProgressCallback`` prints them as quoted strings (``'loss': '0.3918'``)."""
+    """Trainer's progress bar, with logged numbers printed as numbers (see :func:`_shown`)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None:
-            shown = {}
-            for k, v in logs.items():
-                if isinstance(v, float):
-                    v = float(f"{v:.4g}")
-                elif isinstance(v, str) and len(v) > self.max_str_len:
-                    v = f"[String too long to display, length: {len(v)} > {self.max_str_len}]"
-                shown[k] = v
-            shown.pop("total_flos", None)
-            self.training_bar.write(str(shown))
+            self.training_bar.write(str(_shown(logs, self.max_str_len)))
+
+
+class _NumericPrinterCallback(PrinterCallback):
+    """What Trainer prints with ``disable_tqdm=True``, with logged numbers printed as numbers."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs is not None:
+            print(_shown(logs))
 
 
 class RagTrainer(Trainer):
@@ -517,6 +530,8 @@ class RagTrainer(Trainer):
         for i, cb in enumerate(handler.callbacks):
             if type(cb) is ProgressCallback:
                 handler.callbacks[i] = _NumericProgressCallback(max_str_len=cb.max_str_len)
+            elif type(cb) is PrinterCallback:
+                handler.callbacks[i] = _NumericPrinterCallback()
         self._apply_fused_lora()
         self._ready = True
 

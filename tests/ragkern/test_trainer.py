@@ -208,13 +208,15 @@ def test_loss_is_logged_per_source(tmp_path):
     assert logged["loss/raft"] != logged["loss/instruct"]
 
 
-def test_progress_bar_logs_print_numbers_not_quoted_strings(tmp_path, capsys):
-    """Trainer's ProgressCallback prints "'loss': '0.3918'"; RagTrainer's progress logs print numbers."""
+@pytest.mark.parametrize("disable_tqdm", [False, True], ids=["progress_bar", "printer"])
+def test_progress_bar_logs_print_numbers_not_quoted_strings(tmp_path, capsys, disable_tqdm):
+    """Trainer's ProgressCallback (and PrinterCallback, with disable_tqdm) prints "'loss': '0.3918'"; RagTrainer's
+    logs print numbers."""
     tok = word_tokenizer()
     records = [{"question": "who lives in rome?", "passages": ["alpha lives in rome"], "answer": "alpha"}] * 4
     trainer = RagTrainer(
         model=tiny_model("llama", vocab_size=len(tok)),
-        args=args(tmp_path, max_length=64, max_steps=2, disable_tqdm=False),
+        args=args(tmp_path, max_length=64, max_steps=2, disable_tqdm=disable_tqdm),
         train_dataset=records,
         processing_class=tok,
     )
