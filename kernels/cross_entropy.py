@@ -428,7 +428,8 @@ def _chunk_rows(n: int, V: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
-_FP32_ADDMM: dict[str, bool] = {}  # device type -> whether torch.addmm takes out_dtype=fp32 with an fp32 self
+# (device type, input dtype) -> whether torch.addmm takes out_dtype=fp32 with an fp32 self
+_FP32_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _add_grad_weight(gw: torch.Tensor, ds: torch.Tensor, h: torch.Tensor) -> None:
@@ -438,11 +439,11 @@ def _add_grad_weight(gw: torch.Tensor, ds: torch.Tensor, h: torch.Tensor) -> Non
     if ds.dtype == gw.dtype:
         gw.addmm_(ds.T, h)
         return
-    kind = ds.device.type
+    kind = (ds.device.type, ds.dtype)
     if kind not in _FP32_ADDMM:
         probe = torch.ones(2, 2, device=ds.device)
         one = torch.ones(2, 2, device=ds.device, dtype=ds.dtype)
-        try:  # once per process and device type: 1 + (1 1).(1 1) = 3 proves the fp32 self is added in place
+        try:  # once per process, device type and dtype: 1 + (1 1).(1 1) = 3 proves the fp32 self is added in place
             torch.addmm(probe, one, one, out_dtype=torch.float32, out=probe)
             _FP32_ADDMM[kind] = bool((probe == 3).all())
         except (RuntimeError, TypeError, NotImplementedError):
