@@ -190,8 +190,9 @@ def generate_answers(
     length, longest first, and decoded ``batch_size`` at a time, left-padded, with a KV cache. Each answer stops
     at the first stop token (:func:`stop_token_ids`: the end-of-turn token, EOS, any special token) or after
     ``max_new_tokens``. Greedy answers are those of ``model.generate(do_sample=False)`` with the same stop
-    tokens, on any attention implementation that honours a padding mask (eager, sdpa and "ragkern" are tested).
-    ``show_progress`` shows a progress bar over the records.
+    tokens and the same batches, on any attention implementation that honours a padding mask (eager, sdpa and
+    "ragkern" are tested); in half precision a near-tie can flip with the batch a prompt is padded into.
+    ``show_progress`` shows a progress bar over the records (over the batches with ``block_attention``).
 
     ``block_attention=True`` answers as a model trained with ``block_attention=True`` was trained: under the
     passage block mask (each passage sees only itself; generated tokens are block 0), the prompts of equal
