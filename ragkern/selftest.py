@@ -150,6 +150,19 @@ def check_no_leakage(model: torch.nn.Module, lengths=(7, 1, 12, 4), seed: int = 
     return CheckResult("no leakage", ok, detail)
 
 
+def _run_checks(model: torch.nn.Module, checks, **kwargs) -> list[CheckResult]:
+    """Each check's result; a model feature the path refuses is a failed check, with its reason."""
+    results = []
+    for check in checks:
+        try:
+            results.append(check(model, **kwargs))
+        except Exception as e:
+            results.append(
+                CheckResult(check.__name__.removeprefix("check_").replace("_", " "), False, repr(e))
+            )
+    return results
+
+
 def run_selftest(
     config_or_name: str | PretrainedConfig, attn_implementation: str = "ragkern"
 ) -> list[CheckResult]:
@@ -160,15 +173,7 @@ def run_selftest(
         config, attn_implementation=attn_implementation, dtype=torch.float32
     )
     model.train(False)
-    results = []
-    for check in (check_packing_equivalence, check_no_leakage):
-        try:
-            results.append(check(model))
-        except Exception as e:  # a model feature the path refuses is a failed check, with its reason
-            results.append(
-                CheckResult(check.__name__.removeprefix("check_").replace("_", " "), False, repr(e))
-            )
-    return results
+    return _run_checks(model, (check_packing_equivalence, check_no_leakage))
 
 
 class ModelPathError(ValueError):
@@ -269,12 +274,4 @@ def run_selftest_model(
         path, attn_implementation=attn_implementation, dtype=torch.float32
     )
     model.train(False)
-    results = []
-    for check in (check_packing_equivalence_real, check_no_leakage):
-        try:
-            results.append(check(model, lengths=lengths))
-        except Exception as e:  # a model feature the path refuses is a failed check, with its reason
-            results.append(
-                CheckResult(check.__name__.removeprefix("check_").replace("_", " "), False, repr(e))
-            )
-    return results
+    return _run_checks(model, (check_packing_equivalence_real, check_no_leakage), lengths=lengths)

@@ -140,24 +140,14 @@ class RagTrainingArguments(TrainingArguments):
                 f"fused_loss_impl={self.fused_loss_impl!r} is not one of {FUSED_LOSS_IMPLS}: 'chunked' (cuBLAS "
                 "logits per chunk of target rows), 'fused' (no-logits Triton kernels) or 'auto'"
             )
-        if isinstance(self.model_init_kwargs, str):
-            try:
-                self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f'model_init_kwargs must be a JSON object, e.g. \'{{"dtype": "bfloat16"}}\'; could not parse '
-                    f"{self.model_init_kwargs!r}: {e}"
-                ) from None
+        self.model_init_kwargs = _parse_json_option(
+            "model_init_kwargs", self.model_init_kwargs, "a JSON object", '{"dtype": "bfloat16"}'
+        )
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise ValueError(f"model_init_kwargs must be a dict; got {self.model_init_kwargs!r}")
-        if isinstance(self.source_weights, str):
-            try:
-                self.source_weights = json.loads(self.source_weights)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"source_weights must be a JSON object of source tag -> weight, e.g. '{{\"raft\": 2}}'; "
-                    f"could not parse {self.source_weights!r}: {e}"
-                ) from None
+        self.source_weights = _parse_json_option(
+            "source_weights", self.source_weights, "a JSON object of source tag -> weight", '{"raft": 2}'
+        )
         if self.source_weights is not None:
             if not isinstance(self.source_weights, dict):
                 raise ValueError(
@@ -177,6 +167,16 @@ class RagTrainingArguments(TrainingArguments):
                     "source_weights is set but loss_normalization=%r: the weights are used only with 'source'",
                     self.loss_normalization,
                 )
+
+
+def _parse_json_option(name: str, value, what: str, example: str):
+    """An option given as a JSON string on the command line, parsed; any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} must be {what}, e.g. '{example}'; could not parse {value!r}: {e}") from None
 
 
 def _as_rag_args(args: TrainingArguments | None) -> RagTrainingArguments:
