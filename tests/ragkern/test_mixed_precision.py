@@ -15,14 +15,12 @@ The forward is exact: per-token losses and logits of a packed row equal the exam
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
 
 import ragkern.loss
 from ragkern import PackingCollator, RagTrainer
-from ragkern.collator import PaddingCollator
 from ragkern.loss import causal_lm_loss
 from ragkern.selftest import check_no_leakage
-from tests.ragkern.tiny import GradCapture, random_examples, tiny_model
+from tests.ragkern.tiny import GradCapture, plain_trainer_step, random_examples, tiny_model
 from tests.ragkern.tiny import trainer_args as args
 
 UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -117,35 +115,16 @@ def test_rag_trainer_bf16_step_matches_a_plain_trainer_step(tmp_path, one_thread
     model = tiny_model("llama")
     reference = tiny_model("llama", attn="sdpa")
     reference.load_state_dict(model.state_dict())
-    ours, theirs = GradCapture(), GradCapture()
+    ours = GradCapture()
     RagTrainer(
         model=model,
         args=args(tmp_path, max_steps=1, bf16=True, use_cpu=True),
         train_dataset=examples,
         callbacks=[ours],
     ).train()
-    plain = TrainingArguments(
-        output_dir=str(tmp_path / "plain"),
-        per_device_train_batch_size=len(examples),
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        max_grad_norm=0.0,
-        bf16=True,
-        use_cpu=True,
-        remove_unused_columns=False,
-        report_to=[],
-        disable_tqdm=True,
-    )
-    Trainer(
-        model=reference,
-        args=plain,
-        data_collator=PaddingCollator(pad_token_id=0),
-        train_dataset=examples,
-        callbacks=[theirs],
-    ).train()
-    assert ours.grads.keys() == theirs.grads.keys()
-    assert norm_rel(ours.grads, theirs.grads) < 8 * UNIT[torch.bfloat16]
+    _, theirs = plain_trainer_step(tmp_path, reference, examples, bf16=True, use_cpu=True)
+    assert ours.grads.keys() == theirs.keys()
+    assert norm_rel(ours.grads, theirs) < 8 * UNIT[torch.bfloat16]
 
 
 def test_rag_trainer_trains_a_model_loaded_in_bf16(tmp_path, one_thread):

@@ -4,11 +4,9 @@ as they do there or fail with a clear error. A plain Trainer run on the same exa
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
 
 from ragkern import RagTrainer
-from ragkern.collator import PaddingCollator
-from tests.ragkern.tiny import GradCapture, random_examples, tiny_model, word_tokenizer
+from tests.ragkern.tiny import GradCapture, plain_trainer_step, random_examples, tiny_model, word_tokenizer
 from tests.ragkern.tiny import trainer_args as args
 
 EXAMPLES = dict(lengths=[9, 4, 11, 6, 13, 5, 8], answer_tail=3, seed=21)
@@ -224,33 +222,14 @@ def test_label_smoothing_matches_trainer(tmp_path, one_thread, fused):
     model = tiny_model("llama")
     reference = tiny_model("llama", attn="sdpa")
     reference.load_state_dict(model.state_dict())
-    ours, theirs = GradCapture(), GradCapture()
+    ours = GradCapture()
     a = args(tmp_path, max_length=64, max_steps=1, label_smoothing_factor=0.2, fused_loss=fused)
     trainer = RagTrainer(model=model, args=a, train_dataset=exs, callbacks=[ours])
     trainer.train()
-    plain = TrainingArguments(
-        output_dir=str(tmp_path / "plain"),
-        per_device_train_batch_size=len(exs),
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        max_grad_norm=0.0,
-        label_smoothing_factor=0.2,
-        remove_unused_columns=False,
-        report_to=[],
-        disable_tqdm=True,
-    )
-    reference_trainer = Trainer(
-        model=reference,
-        args=plain,
-        data_collator=PaddingCollator(pad_token_id=0),
-        train_dataset=exs,
-        callbacks=[theirs],
-    )
-    reference_trainer.train()
+    reference_trainer, theirs = plain_trainer_step(tmp_path, reference, exs, label_smoothing_factor=0.2)
     ours_loss = trainer.state.log_history[-1]["train_loss"]
     assert ours_loss == pytest.approx(reference_trainer.state.log_history[-1]["train_loss"], rel=1e-5)
-    for name, g in theirs.grads.items():
+    for name, g in theirs.items():
         torch.testing.assert_close(ours.grads[name], g, rtol=1e-4, atol=1e-6)
     no_smoothing = RagTrainer(
         model=tiny_model("llama"), args=args(tmp_path, max_length=64, max_steps=1), train_dataset=exs

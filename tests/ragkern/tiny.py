@@ -128,3 +128,34 @@ class GradCapture(TrainerCallback):
             self.grads = {
                 n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
             }
+
+
+def plain_trainer_step(tmp_path, model, examples, **kw):
+    """The reference: one stock ``transformers.Trainer`` SGD step (rate 0.5, no clipping) on ``examples`` padded
+    into one batch, with the model's own attention and loss. Returns the trainer and the step's gradients."""
+    from transformers import Trainer, TrainingArguments
+
+    from ragkern.collator import PaddingCollator
+
+    plain = TrainingArguments(
+        output_dir=str(tmp_path / "plain"),
+        per_device_train_batch_size=len(examples),
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        max_grad_norm=0.0,
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=True,
+        **kw,
+    )
+    capture = GradCapture()
+    trainer = Trainer(
+        model=model,
+        args=plain,
+        data_collator=PaddingCollator(pad_token_id=0),
+        train_dataset=examples,
+        callbacks=[capture],
+    )
+    trainer.train()
+    return trainer, capture.grads
