@@ -45,6 +45,12 @@ def metadata() -> dict:
         "git_sha": _git_sha(),
     }
     try:
+        import triton
+
+        meta["triton"] = triton.__version__  # what the kernels compile with
+    except ImportError:
+        meta["triton"] = None
+    try:
         import transformers
 
         import ragkern

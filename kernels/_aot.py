@@ -151,6 +151,7 @@ def compile_spec(spec: AotSpec, arch: int) -> dict:
         "shared_bytes": static_shared + int(compiled.metadata.shared),  # Triton's shared memory is dynamic
         "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
         "hgmma_shapes": hgmma_shapes(sass),
+        "spills_in_loops": spills_in_loops(sass),
         "async_copies": async_copies(compiled.asm["ttgir"]),
         "int32_offsets": int32_offset_overflows(compiled.asm["ttir"]),
     }
@@ -162,6 +163,25 @@ def hgmma_shapes(sass: str) -> dict[str, int]:
     for m in re.finditer(r"\bHGMMA\.(\d+x\d+x\d+)", sass):
         shapes[m.group(1)] = shapes.get(m.group(1), 0) + 1
     return dict(sorted(shapes.items(), key=lambda kv: [int(x) for x in kv[0].split("x")]))
+
+
+_SASS_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+
+
+def spills_in_loops(sass: str) -> int:
+    """Local-memory spill instructions (STL/LDL) inside a loop body of SASS: between a backward branch's target
+    and the branch. A spill outside every loop runs once per program (saved before a loop, reloaded after it);
+    one inside runs on every iteration, which is the spill that costs time."""
+    loops, spills = [], []
+    for m in _SASS_INSTR.finditer(sass):
+        addr, instr = int(m.group(1), 16), m.group(2)
+        if re.search(r"\b(?:STL|LDL)\b", instr):
+            spills.append(addr)
+        elif re.search(r"\bBRA\b", instr):
+            target = re.search(r"\b0x([0-9a-f]+)\b", instr)
+            if target is not None and int(target.group(1), 16) <= addr:
+                loops.append((int(target.group(1), 16), addr))
+    return sum(any(lo <= a <= hi for lo, hi in loops) for a in spills)
 
 
 def async_copies(ttgir: str) -> int:

@@ -129,3 +129,25 @@ def test_hgmma_shapes_and_async_copies():
     assert _aot.hgmma_shapes(sass) == {"64x64x16": 2, "64x128x16": 1}
     ttgir = "%1 = ttg.async_copy_global_to_local %a, %b\n%2 = ttg.async_copy_global_to_local %c, %d\n"
     assert _aot.async_copies(ttgir) == 2
+
+
+def _sass(*instrs):
+    """cuobjdump -sass lines: /*addr*/ instr ; /* encoding */, 16 bytes apart."""
+    return "\n".join(
+        f"        /*{16 * i:04x}*/   {ins} ;   /* 0x000fe2000001ff00 */" for i, ins in enumerate(instrs)
+    )
+
+
+def test_spills_in_loops_counts_only_spills_between_a_back_branch_and_its_target():
+    body = [
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24",
+        "LDL.LU R3, [R1+0x8]",
+        "ISETP.GE.AND P0, PT, R2, R5, PT",
+    ]
+    once = _sass("STL [R1], R17", "MOV R2, RZ", *body[::2], "@!P0 BRA 0x0010", "LDL.LU R203, [R1]", "EXIT")
+    assert _aot.spills_in_loops(once) == 0  # saved before the loop (0x10-0x30), reloaded after it
+    looped = _sass("STL [R1], R17", "MOV R2, RZ", *body, "@!P0 BRA 0x0010", "STL.64 [R1+0x10], R20", "EXIT")
+    assert _aot.spills_in_loops(looped) == 1  # the LDL at 0x30 runs on every iteration
+    forward_only = _sass("MOV R2, RZ", "@P0 BRA 0x0030", "LDL R3, [R1]", "EXIT", "BRA 0x0040")
+    # a forward branch and the trailing self-loop enclose no spill
+    assert _aot.spills_in_loops(forward_only) == 0
