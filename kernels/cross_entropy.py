@@ -116,13 +116,33 @@ if triton is not None:
         return acc, t
 
     @triton.jit
-    def _grad_tile(s, t, valid, hit, has_target, lse, coef, scale, smoothing, uniform, filter_eps,
-                   HAS_SOFTCAP: tl.constexpr):  # fmt: skip
-        """d loss / d z of a tile, (BLOCK_N, BLOCK_V) fp32 (0 outside ``valid``), and whether it is kept:
+    def _token_rows(ROWS, Y, LSE, SCALE, offs, n_rows, stride_h, z_coef):
+        """Per token of a tile: in range, hidden-row offset (int64), target, LSE, upstream scale, 1 + 2 z LSE."""
+        rmask = offs < n_rows
+        hrow = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64) * stride_h
+        y = tl.load(Y + offs, mask=rmask, other=-1)
+        lse = tl.load(LSE + offs, mask=rmask, other=0.0)
+        scale = tl.load(SCALE + offs, mask=rmask, other=0.0)
+        return rmask, hrow, y, lse, scale, 1.0 + 2.0 * z_coef * lse
+
+    @triton.jit
+    def _grad_tile(
+        H, W, B, hrow, rmask, y, lse, scale, coef, v0, cols, cmask, D, stride_w, softcap, smoothing, uniform,
+        filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """d loss / d z of a (token tile, vocab tile) from its recomputed logits, (BLOCK_N, BLOCK_V) fp32 (0 outside
+        the tile's tokens and vocabulary), and whether it is kept (a target inside, or a gradient >= filter_eps):
         scale * ((1 + 2 z lse) softmax - (1 - eps) [j == y] - uniform) * (1 - tanh^2 if softcap)."""
+        s, t = _logits_tile(
+            H, W, B, hrow, rmask, cols, cmask, D, stride_w, softcap,
+            HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        has_target = tl.max(((y >= v0) & (y < v0 + BLOCK_V)).to(tl.int32), axis=0) > 0
+        valid = rmask[:, None] & cmask[None, :]
         g = tl.where(valid, coef[:, None] * tl.exp(s - lse[:, None]), 0.0)
         keep = has_target | (tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= filter_eps)
-        ds = scale[:, None] * (g - tl.where(hit, 1.0 - smoothing, 0.0) - uniform)
+        ds = scale[:, None] * (g - tl.where(cols[None, :] == y[:, None], 1.0 - smoothing, 0.0) - uniform)
         if HAS_SOFTCAP:
             ds *= 1.0 - t * t
         return tl.where(valid, ds, 0.0), keep
@@ -176,12 +196,7 @@ if triton is not None:
         """GH (splits, n, D) fp32 += this split's vocab tiles' ds @ W; a (split, row block) has one owner."""
         split = tl.program_id(1).to(tl.int64)
         offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = offs < n_rows
-        hrow = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64) * stride_h
-        y = tl.load(Y + offs, mask=rmask, other=-1)
-        lse = tl.load(LSE + offs, mask=rmask, other=0.0)
-        scale = tl.load(SCALE + offs, mask=rmask, other=0.0)
-        coef = 1.0 + 2.0 * z_coef * lse
+        rmask, hrow, y, lse, scale, coef = _token_rows(ROWS, Y, LSE, SCALE, offs, n_rows, stride_h, z_coef)
         grow = (split * n_rows + offs) * D
         span = tiles_per_split.to(tl.int64) * BLOCK_V
         v_lo = split * span
@@ -189,16 +204,10 @@ if triton is not None:
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             cmask = cols < V
-            s, t = _logits_tile(
-                H, W, B, hrow, rmask, cols, cmask, D, stride_w, softcap,
-                HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-            )  # fmt: skip
-            has_target = tl.max(((y >= v0) & (y < v0 + BLOCK_V)).to(tl.int32), axis=0) > 0
-            valid = rmask[:, None] & cmask[None, :]
-            hit = cols[None, :] == y[:, None]
             ds, keep = _grad_tile(
-                s, t, valid, hit, has_target, lse, coef, scale, smoothing, uniform, filter_eps, HAS_SOFTCAP
-            )
+                H, W, B, hrow, rmask, y, lse, scale, coef, v0, cols, cmask, D, stride_w, softcap, smoothing, uniform,
+                filter_eps, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
             if keep:
                 ds_in = ds.to(H.dtype.element_ty)
                 wrow = cols * stride_w
@@ -235,22 +244,13 @@ if triton is not None:
         t_hi = tl.minimum(t_lo + span, n_rows)
         for n0 in range(t_lo, t_hi, BLOCK_N):
             offs = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-            rmask = offs < n_rows
-            hrow = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64) * stride_h
-            y = tl.load(Y + offs, mask=rmask, other=-1)
-            lse = tl.load(LSE + offs, mask=rmask, other=0.0)
-            scale = tl.load(SCALE + offs, mask=rmask, other=0.0)
-            coef = 1.0 + 2.0 * z_coef * lse
-            s, t = _logits_tile(
-                H, W, B, hrow, rmask, cols, cmask, D, stride_w, softcap,
-                HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-            )  # fmt: skip
-            has_target = tl.max(((y >= v0) & (y < v0 + BLOCK_V)).to(tl.int32), axis=0) > 0
-            valid = rmask[:, None] & cmask[None, :]
-            hit = cols[None, :] == y[:, None]
-            ds, keep = _grad_tile(
-                s, t, valid, hit, has_target, lse, coef, scale, smoothing, uniform, filter_eps, HAS_SOFTCAP
+            rmask, hrow, y, lse, scale, coef = _token_rows(
+                ROWS, Y, LSE, SCALE, offs, n_rows, stride_h, z_coef
             )
+            ds, keep = _grad_tile(
+                H, W, B, hrow, rmask, y, lse, scale, coef, v0, cols, cmask, D, stride_w, softcap, smoothing, uniform,
+                filter_eps, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
             if keep:
                 db += tl.sum(ds, axis=0)
                 if need_dw:
