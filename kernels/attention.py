@@ -59,6 +59,13 @@ if triton is not None:
             return tl.load(ptrs)
 
     @triton.jit
+    def _load_cols(ptr, rows, stride, cols, rows_ok, HEAD_DIM: tl.constexpr):
+        """A (rows, len(cols)) tile of one head's columns ``cols`` (a share of a split head_dim), masked.
+        ``rows``: (rows, 1) int64 token offsets."""
+        mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
+        return tl.load(ptr + rows * stride + cols[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _visible(bq, bk, offs_m, offs_n, L, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr):
         """(BLOCK_M, BLOCK_N) element mask of a partial tile: both inside the example, causal, same passage."""
         ok = (offs_m < L)[:, None] & (offs_n < L)[None, :]
@@ -161,13 +168,16 @@ if triton is not None:
                 )  # fmt: skip
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows past the example end only
         o = acc / l_safe[:, None]
-        omask = mmask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        # the epilogue addresses from per-program scalars, so no per-row value stays live across the loops
+        local = tl.arange(0, BLOCK_M)
+        rmask = local < L - m0
+        Ob = Out + (start + m0) * stride_ot + h64 * stride_oh
         tl.store(
-            Out + rows[:, None] * stride_ot + h64 * stride_oh + offs_d[None, :],
+            Ob + local.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
             o.to(Out.dtype.element_ty),
-            mask=omask,
+            mask=rmask[:, None] & (offs_d < HEAD_DIM)[None, :],
         )
-        tl.store(LSE + h64 * total + rows, m_i + tl.math.log2(l_safe), mask=mmask)
+        tl.store(LSE + h64 * total + start + m0 + local, m_i + tl.math.log2(l_safe), mask=rmask)
 
     @triton.jit
     def _attn_bwd_delta_kernel(
@@ -188,30 +198,49 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kv_tile(
-        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, BLKb, m0, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        dk, dv, k, v, k2, v2, Qb, DOb, LSEb, DELTAb, BLKb, m0, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+        col0, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+        ACC_D: tl.constexpr,
     ):  # fmt: skip
-        """One query tile's contribution to a key tile's dK, dV (transposed: keys along the MMA's M)."""
+        """One query tile's contribution to a key tile's dK, dV (transposed: keys along the MMA's M).
+
+        With a split head (ACC_D < BLOCK_D) k, v hold the program's columns [col0, col0 + ACC_D) and k2, v2 the
+        other half's; Q and dO are loaded in the same two halves, P^T and dS^T take both, dK and dV only the
+        program's own (so nothing is loaded twice)."""
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
         rows = offs_m.to(tl.int64)[:, None]
         mmask = offs_m < L
-        q = _load_rows(Qb + rows * stride_qt + offs_d[None, :], mmask, MASKED, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DOb + rows * stride_dt + offs_d[None, :], mmask, MASKED, HEAD_DIM, BLOCK_D)
+        if ACC_D == BLOCK_D:
+            offs_d = tl.arange(0, BLOCK_D)
+            q = _load_rows(Qb + rows * stride_qt + offs_d[None, :], mmask, MASKED, HEAD_DIM, BLOCK_D)
+            do = _load_rows(DOb + rows * stride_dt + offs_d[None, :], mmask, MASKED, HEAD_DIM, BLOCK_D)
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        else:
+            mine = col0 + tl.arange(0, ACC_D)
+            other = (ACC_D - col0) + tl.arange(0, ACC_D)
+            q = _load_cols(Qb, rows, stride_qt, mine, mmask, HEAD_DIM)
+            do = _load_cols(DOb, rows, stride_dt, mine, mmask, HEAD_DIM)
+            q2 = _load_cols(Qb, rows, stride_qt, other, mmask, HEAD_DIM)
+            do2 = _load_cols(DOb, rows, stride_dt, other, mmask, HEAD_DIM)
+            # both score products first: this order keeps the fewest spills (kernel report)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dpT = tl.dot(v2, tl.trans(do2), dpT, input_precision=DOT_PREC)
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            sT = tl.dot(k2, tl.trans(q2), sT, input_precision=DOT_PREC)
         if MASKED:
             lse = tl.load(LSEb + offs_m, mask=mmask, other=0.0)
             delta = tl.load(DELTAb + offs_m, mask=mmask, other=0.0)
         else:
             lse = tl.load(LSEb + offs_m)
             delta = tl.load(DELTAb + offs_m)
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        pT = tl.math.exp2(sT - lse[None, :])
+        pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
             bq = tl.load(BLKb + offs_m, mask=mmask, other=-1) if HAS_BLOCKS else offs_m
             pT = tl.where(tl.trans(_visible(bq, bk, offs_m, offs_n, L, CAUSAL, HAS_BLOCKS)), pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if ACC_D == BLOCK_D:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
         return dk, dv
@@ -223,12 +252,17 @@ if triton is not None:
         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         total, group, tiles_q, tiles_k,
         CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, ACC_D: tl.constexpr,
     ):  # fmt: skip
-        """One (key block, example, kv head): dK, dV summed over the kv head's query heads (no atomics).
-        With blocks the query tiles come from the key-major lists CNT/IDX (partial first)."""
+        """One (key block, example, kv head, column half): dK, dV summed over the kv head's query heads (no
+        atomics). With blocks the query tiles come from the key-major lists CNT/IDX (partial first). ACC_D =
+        BLOCK_D // 2 splits head_dim over two programs (grid axis 2 = kv head x half): each recomputes P^T and dS^T
+        and keeps only its half of the two fp32 accumulators, which at head_dim 256 do not fit one program's
+        registers. (The two sum Q K^T's halves in opposite orders: their P^T may differ in the last fp32 bit.)"""
+        tl.static_assert(BLOCK_D // ACC_D <= 2, "head_dim splits in at most two halves")
         seq = tl.program_id(1)
-        kvh = tl.program_id(2)
+        kvh = tl.program_id(2) // (BLOCK_D // ACC_D)
+        col0 = tl.program_id(2) % (BLOCK_D // ACC_D) * ACC_D
         start = tl.load(CU + seq)
         L = tl.load(CU + seq + 1) - start
         n0 = tl.program_id(0) * BLOCK_N
@@ -240,24 +274,22 @@ if triton is not None:
         nmask = offs_n < L
         rows = start + offs_n
         kvh64 = kvh.to(tl.int64)
-        k = _load_rows(
-            K + rows[:, None] * stride_kt + kvh64 * stride_kh + offs_d[None, :],
-            nmask,
-            True,
-            HEAD_DIM,
-            BLOCK_D,
-        )
-        v = _load_rows(
-            V + rows[:, None] * stride_vt + kvh64 * stride_vh + offs_d[None, :],
-            nmask,
-            True,
-            HEAD_DIM,
-            BLOCK_D,
-        )
+        Kh, Vh = K + kvh64 * stride_kh, V + kvh64 * stride_vh
+        if ACC_D == BLOCK_D:
+            k = _load_rows(Kh + rows[:, None] * stride_kt + offs_d[None, :], nmask, True, HEAD_DIM, BLOCK_D)
+            v = _load_rows(Vh + rows[:, None] * stride_vt + offs_d[None, :], nmask, True, HEAD_DIM, BLOCK_D)
+            k2, v2 = k, v
+        else:  # this program's half of the columns, then the other half
+            mine = col0 + tl.arange(0, ACC_D)
+            other = (ACC_D - col0) + tl.arange(0, ACC_D)
+            k = _load_cols(Kh, rows[:, None], stride_kt, mine, nmask, HEAD_DIM)
+            v = _load_cols(Vh, rows[:, None], stride_vt, mine, nmask, HEAD_DIM)
+            k2 = _load_cols(Kh, rows[:, None], stride_kt, other, nmask, HEAD_DIM)
+            v2 = _load_cols(Vh, rows[:, None], stride_vt, other, nmask, HEAD_DIM)
         BLKb = BLK + start
         bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
-        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dk = tl.zeros((BLOCK_N, ACC_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, ACC_D), dtype=tl.float32)
         row = seq.to(tl.int64) * tiles_k + tl.program_id(0)
         n_partial = tl.load(CNT + 2 * row) if HAS_BLOCKS else 0
         n_full = tl.load(CNT + 2 * row + 1) if HAS_BLOCKS else 0
@@ -281,16 +313,16 @@ if triton is not None:
             for t in range(0, group * n_partial):
                 h = h0 + t // n_partial
                 dk, dv = _bwd_kv_tile(
-                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    dk, dv, k, v, k2, v2, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
                     tl.load(tiles + t % n_partial), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-                    True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                    col0, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
                 )  # fmt: skip
             for t in range(0, group * n_full):
                 h = h0 + t // n_full
                 dk, dv = _bwd_kv_tile(
-                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    dk, dv, k, v, k2, v2, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
                     tl.load(tiles + n_partial + t % n_full), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-                    False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                    col0, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
                 )  # fmt: skip
         else:
             span = diag_hi + tail - n0  # partial tiles n0, n0 + BLOCK_M, ... (then full_hi) of one head
@@ -299,49 +331,62 @@ if triton is not None:
                 h = h0 + t // span
                 m = n0 + t % span
                 dk, dv = _bwd_kv_tile(
-                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    dk, dv, k, v, k2, v2, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
                     tl.where(m < diag_hi, m, full_hi), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-                    True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                    col0, True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
                 )  # fmt: skip
             span = full_hi - full_lo
             for t in range(0, group * span, BLOCK_M):
                 h = h0 + t // span
                 dk, dv = _bwd_kv_tile(
-                    dk, dv, k, v, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
+                    dk, dv, k, v, k2, v2, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
                     full_lo + t % span, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-                    False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                    col0, False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
                 )  # fmt: skip
         dk = dk * sm_scale
-        kmask = nmask[:, None] & (offs_d < HEAD_DIM)[None, :]
-        tl.store(
-            DK + rows[:, None] * stride_dkt + kvh64 * stride_dkh + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=kmask,
-        )
-        tl.store(
-            DV + rows[:, None] * stride_dvt + kvh64 * stride_dvh + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=kmask,
-        )
+        # the epilogue addresses from per-program scalars, so no per-row value stays live across the loops
+        local = tl.arange(0, BLOCK_N)
+        offs_a = col0 + tl.arange(0, ACC_D)
+        kmask = (local < L - n0)[:, None] & (offs_a < HEAD_DIM)[None, :]
+        local = local.to(tl.int64)[:, None]
+        DKb = DK + (start + n0) * stride_dkt + kvh64 * stride_dkh
+        tl.store(DKb + local * stride_dkt + offs_a[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
+        DVb = DV + (start + n0) * stride_dvt + kvh64 * stride_dvh
+        tl.store(DVb + local * stride_dvt + offs_a[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
 
     @triton.jit
     def _bwd_q_tile(
-        dq, q, do, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+        dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale, col0,
         MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        ACC_D: tl.constexpr,
     ):  # fmt: skip
+        """One key tile's contribution to a query tile's dQ; with a split head (ACC_D < BLOCK_D) q, do hold the
+        program's columns and q2, do2 the other half's, as in :func:`_bwd_kv_tile`."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
         rows = offs_n.to(tl.int64)[:, None]
         nmask = offs_n < L
-        k = _load_rows(Kb + rows * stride_kt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_rows(Vb + rows * stride_vt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
+        if ACC_D == BLOCK_D:
+            offs_d = tl.arange(0, BLOCK_D)
+            k = _load_rows(Kb + rows * stride_kt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
+            v = _load_rows(Vb + rows * stride_vt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        else:
+            mine = col0 + tl.arange(0, ACC_D)
+            other = (ACC_D - col0) + tl.arange(0, ACC_D)
+            k = _load_cols(Kb, rows, stride_kt, mine, nmask, HEAD_DIM)
+            k2 = _load_cols(Kb, rows, stride_kt, other, nmask, HEAD_DIM)
+            v = _load_cols(Vb, rows, stride_vt, mine, nmask, HEAD_DIM)
+            v2 = _load_cols(Vb, rows, stride_vt, other, nmask, HEAD_DIM)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PREC)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
             p = tl.where(_visible(bq, bk, offs_m, offs_n, L, CAUSAL, HAS_BLOCKS), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         return dq
@@ -353,11 +398,14 @@ if triton is not None:
         stride_dqt, stride_dqh,
         total, group, tiles_q, tiles_k,
         CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, ACC_D: tl.constexpr,
     ):  # fmt: skip
-        """One (query block, example, query head): dQ over the key tiles the forward visited."""
+        """One (query block, example, query head, column half): dQ over the key tiles the forward visited. ACC_D =
+        BLOCK_D // 2 splits head_dim over two programs as in the dK/dV kernel."""
+        tl.static_assert(BLOCK_D // ACC_D <= 2, "head_dim splits in at most two halves")
         seq = tl.program_id(1)
-        h = tl.program_id(2)
+        h = tl.program_id(2) // (BLOCK_D // ACC_D)
+        col0 = tl.program_id(2) % (BLOCK_D // ACC_D) * ACC_D
         start = tl.load(CU + seq)
         L = tl.load(CU + seq + 1) - start
         m0 = tl.program_id(0) * BLOCK_M
@@ -370,19 +418,26 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mmask = offs_m < L
         rows = start + offs_m
-        q = _load_rows(
-            Q + rows[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D
-        )
-        do = _load_rows(
-            DO + rows[:, None] * stride_dt + h64 * stride_dh + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D
-        )
+        Qh, DOh = Q + h64 * stride_qh, DO + h64 * stride_dh
+        if ACC_D == BLOCK_D:
+            q = _load_rows(Qh + rows[:, None] * stride_qt + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D)
+            do = _load_rows(DOh + rows[:, None] * stride_dt + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D)
+            q2, do2 = q, do
+        else:  # this program's half of the columns, then the other half
+            mine = col0 + tl.arange(0, ACC_D)
+            other = (ACC_D - col0) + tl.arange(0, ACC_D)
+            q = _load_cols(Qh, rows[:, None], stride_qt, mine, mmask, HEAD_DIM)
+            do = _load_cols(DOh, rows[:, None], stride_dt, mine, mmask, HEAD_DIM)
+            q2 = _load_cols(Qh, rows[:, None], stride_qt, other, mmask, HEAD_DIM)
+            do2 = _load_cols(DOh, rows[:, None], stride_dt, other, mmask, HEAD_DIM)
         lse = tl.load(LSE + h64 * total + rows, mask=mmask, other=0.0)
         delta = tl.load(DELTA + h64 * total + rows, mask=mmask, other=0.0)
         Kb = K + start * stride_kt + kvh * stride_kh
         Vb = V + start * stride_vt + kvh * stride_vh
         BLKb = BLK + start
         bq = tl.load(BLKb + offs_m, mask=mmask, other=0) if HAS_BLOCKS else offs_m
-        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        DQb = DQ + (start + m0) * stride_dqt + h64 * stride_dqh
+        dq = tl.zeros((BLOCK_M, ACC_D), dtype=tl.float32)
         if HAS_BLOCKS:
             row = seq.to(tl.int64) * tiles_q + tl.program_id(0)
             n_partial = tl.load(CNT + 2 * row)
@@ -390,32 +445,37 @@ if triton is not None:
             tiles = IDX + row * tiles_k
             for j in range(0, n_partial):
                 dq = _bwd_q_tile(
-                    dq, q, do, lse, delta, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
-                    stride_kt, stride_vt, qk_scale, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
+                    stride_kt, stride_vt, qk_scale, col0, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    ACC_D,
                 )  # fmt: skip
             for j in range(n_partial, n_partial + n_full):
                 dq = _bwd_q_tile(
-                    dq, q, do, lse, delta, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
-                    stride_kt, stride_vt, qk_scale, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
+                    stride_kt, stride_vt, qk_scale, col0, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    ACC_D,
                 )  # fmt: skip
         else:
             full_hi = m0 if CAUSAL else L // BLOCK_N * BLOCK_N
             part_hi = tl.minimum(m0 + BLOCK_M, L) if CAUSAL else L
             for n0 in range(0, full_hi, BLOCK_N):
                 dq = _bwd_q_tile(
-                    dq, q, do, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
-                    False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+                    col0, False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, ACC_D,
                 )  # fmt: skip
             for n0 in range(full_hi, part_hi, BLOCK_N):
                 dq = _bwd_q_tile(
-                    dq, q, do, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
-                    True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+                    col0, True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, ACC_D,
                 )  # fmt: skip
         dq = dq * sm_scale
+        # the epilogue addresses from per-program scalars, so no per-row value stays live across the loops
+        local = tl.arange(0, BLOCK_M)
+        offs_a = col0 + tl.arange(0, ACC_D)
         tl.store(
-            DQ + rows[:, None] * stride_dqt + h64 * stride_dqh + offs_d[None, :],
+            DQb + local.to(tl.int64)[:, None] * stride_dqt + offs_a[None, :],
             dq.to(DQ.dtype.element_ty),
-            mask=mmask[:, None] & (offs_d < HEAD_DIM)[None, :],
+            mask=(local < L - m0)[:, None] & (offs_a < HEAD_DIM)[None, :],
         )
 
 
@@ -428,6 +488,8 @@ class _Config:
     block_n: int
     num_warps: int
     num_stages: int
+    # backward only: programs sharing one head's columns, each accumulating BLOCK_D // d_split of them
+    d_split: int = 1
 
 
 # Interpreter (CPU tensors): small tiles so tiny test inputs still span several blocks.
@@ -440,7 +502,13 @@ def _gpu_configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict[str,
     Hopper (sm_90+), fp16/bf16: every tl.dot has N >= 64 (HGMMA 64x64x16 or wider): the key tile of QK^T and the
     query step of dK/dV's K Q^T are 64 wide, and with 8 warps (two warpgroups) the M side is 128, so no warpgroup
     gets a narrower half (64 rows on 8 warps would split N). dK/dV keeps two (keys, D) fp32 accumulators per program
-    and spills at D >= 80 (FlashAttention-2's 128-key x 64-query tile; the remedy on Hopper is warp specialisation).
+    (FlashAttention-2's 128-key x 64-query tile): at D 80-128 the causal kernels save 24-32 B once per program,
+    outside their loops, and the non-causal ones also spill inside them. At D=256 a backward program cannot hold
+    its (rows, 256) fp32 accumulators with the score tiles (dK/dV: 646 spill instructions inside its loops; dQ: 96 B
+    of stack, and its 128-query tile needed 257 KB of shared memory where a block may have 227 KB), so
+    ``d_split=2`` gives each of two programs 128 of the columns (Q K^T and dO V^T computed by both: 1.5x the
+    FLOPs) on one warpgroup with 64 x 64 tiles: dQ spills nothing in its loop, dK/dV 12 (triton 3.9) to 26 (3.6)
+    spill instructions; two warpgroups would spill nothing but split the score products into 64x32 wgmma.
     Ampere (mma.sync, no wgmma width to reach) keeps smaller tiles that stay free of forward spills. fp32 runs IEEE
     (no tensor-core path): small tiles. The numbers are in bench/results/kernel_report.json.
     """
@@ -452,8 +520,13 @@ def _gpu_configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict[str,
         fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(64, 64, 4, 2), _Config(64, 64, 4, 2)
     elif arch >= 90 and head_dim <= 128:
         fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 128, 8, 2), _Config(128, 64, 8, 2)
-    elif arch >= 90:  # the (128, 64) forward keeps 8 B of stack; 64 x 64 spills 72 B
-        fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 64, 4, 1), _Config(128, 64, 8, 2)
+    elif arch >= 90:
+        # backward: two programs per head, 128 of the 256 columns each, on one warpgroup (see above)
+        fwd, dkdv, dq = (
+            _Config(128, 64, 8, 2),
+            _Config(64, 64, 4, 2, d_split=2),
+            _Config(64, 64, 4, 2, d_split=2),
+        )
     elif head_dim <= 64:
         fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(32, 64, 8, 2), _Config(64, 32, 4, 2)
     elif head_dim <= 128:
@@ -750,20 +823,20 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_
 
     cfg = cfgs["dkdv"]
     cnt, idx, tq, tk = lists("dkdv")
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_n), n, Hkv)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_n), n, Hkv * cfg.d_split)](
         q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total, Hq // Hkv, tq, tk,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype), ACC_D=_block_d(D) // cfg.d_split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )  # fmt: skip
     cfg = cfgs["dq"]
     cnt, idx, tq, tk = lists("dq")
-    _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_m), n, Hq)](
+    _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_m), n, Hq * cfg.d_split)](
         q, k, v, do, dq, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), total, Hq // Hkv, tq, tk,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype), ACC_D=_block_d(D) // cfg.d_split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )  # fmt: skip
     return dq, dk, dv
@@ -1050,9 +1123,12 @@ def aot_specs() -> list[AotSpec]:
             values = _aot_values(kernel, D, cfg, blocks, mha)
             sig.update({a: "i32" for a in values})
             sig = {a: sig[a] for a in fn.arg_names if a in sig}  # the kernel's argument order
-            sig.update({c: "constexpr" for c in (*consts, "BLOCK_M", "BLOCK_N", "DOT_PREC")})
             cx = dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(dtype))
             config = f"D={D} {ty} {mode} M={cfg.block_m} N={cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+            if kernel != "attn_fwd":
+                cx["ACC_D"] = consts["BLOCK_D"] // cfg.d_split
+                config += f" split{cfg.d_split}" if cfg.d_split > 1 else ""
+            sig.update({c: "constexpr" for c in cx})
             specs.append(
                 AotSpec(
                     kernel, fn, sig, cx, cfg.num_warps, cfg.num_stages, config, values=values, archs=archs

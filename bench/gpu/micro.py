@@ -1,7 +1,7 @@
 """Microbenchmarks, forward + backward, each against the peers installed in the same run:
 
 - attention on one 16k-token packed row of RAG lengths (``rag.packed_row``), bf16, 32 query / 8 kv heads,
-  head_dim 64 and 128, with and without passage block masks: ragkern's Triton kernel called as every layer calls it
+  head_dim 64 and 128, with and without passage block masks (and 256 causal): ragkern's Triton kernel called as every layer calls it
   in training (``validate=False``; with blocks, the tile lists built once per batch, outside the timed call, and
   their build timed on its own as ``metadata_build_ms``; ``ragkern_triton_tiles_per_call`` rebuilds them in every
   call, as before they were shared) vs SDPA (flash backend)
@@ -417,8 +417,11 @@ def lora_bench(ctx: Ctx, dropout: float) -> dict:
 def plan(ctx: Ctx, part: str) -> list[tuple[str, object, dict, bool]]:
     if part == "attention":
         dims = [16] if ctx.dry else [128, 64]  # D=128 first: the budget skips D=64 before it
-        return [(f"attention D={D} {'blocks' if b else 'causal'}", attention_bench, dict(head_dim=D, blocks=b), True)
-                for D in dims for b in (False, True)]  # fmt: skip
+        cases = [(f"attention D={D} {'blocks' if b else 'causal'}", attention_bench, dict(head_dim=D, blocks=b), True)
+                 for D in dims for b in (False, True)]  # fmt: skip
+        if not ctx.dry:  # last, as the budget allows: the backward split over two column halves (d_split=2)
+            cases.append(("attention D=256 causal", attention_bench, dict(head_dim=256, blocks=False), True))
+        return cases
     if part == "flce":
         return [(f"flce {t // 1024}k targets", flce_bench, dict(targets=t), True) for t in (1024, 16384)]
     if part == "lora":

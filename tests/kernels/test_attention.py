@@ -199,6 +199,29 @@ def test_padded_head_dim(D):
     check([21, 6], 2, 1, D, torch.float32, True, True, seed=D)
 
 
+@pytest.mark.parametrize("D", [32, 40], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("blocks", [False, True], ids=["noblocks", "blocks"])
+def test_backward_with_head_dim_split_over_programs(monkeypatch, D, causal, blocks):
+    """dK/dV and dQ with d_split=2 (the sm_90 head_dim-256 tiles): two programs per tile and head, each computing
+    the scores from both column halves and writing its own half; at 40 the second half is mostly padding."""
+    split = attn_mod._Config(16, 16, 4, 1, d_split=2)
+    monkeypatch.setattr(
+        attn_mod, "_configs", lambda *a: {"fwd": attn_mod._INTERPRET_CONFIG, "dkdv": split, "dq": split}
+    )
+    check([21, 6, 33], 4, 2, D, torch.float32, causal, blocks, seed=D)
+    check([19, 1, 8], 2, 1, D, torch.float16, causal, blocks, seed=D + 1)
+
+
+@pytest.mark.parametrize("arch", [80, 90], ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("blocks", [False, True], ids=["noblocks", "blocks"])
+def test_gpu_tiles_at_head_dim_256(monkeypatch, arch, blocks):
+    """The GPU's own tile configurations at head_dim 256 (on sm_90: dK/dV split in two column halves, 64 x 64
+    tiles), run in the interpreter on examples spanning several of their tiles."""
+    monkeypatch.setattr(attn_mod, "_configs", lambda D, dtype, device: attn_mod._gpu_configs(D, dtype, arch))
+    check([70, 3, 129], 2, 1, 256, torch.float16, True, blocks, seed=arch)
+
+
 def test_empty_example_and_noncontiguous():
     """A zero-length example in cu_seqlens; q/k/v as strided views of one fused projection."""
     g = torch.Generator().manual_seed(3)
