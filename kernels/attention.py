@@ -59,11 +59,18 @@ if triton is not None:
             return tl.load(ptrs)
 
     @triton.jit
-    def _load_cols(ptr, rows, stride, cols, rows_ok, HEAD_DIM: tl.constexpr):
-        """A (rows, len(cols)) tile of one head's columns ``cols`` (a share of a split head_dim), masked.
-        ``rows``: (rows, 1) int64 token offsets."""
+    def _load_half(ptr, rows, stride, rows_ok, c0, HEAD_DIM: tl.constexpr, ACC_D: tl.constexpr):
+        """Columns [c0, c0 + ACC_D) of a (rows, head_dim) tile, masked: one half of a split head_dim (a program
+        loads its own half at col0, the other at ACC_D - col0). ``rows``: (rows, 1) int64 token offsets."""
+        cols = c0 + tl.arange(0, ACC_D)
         mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
         return tl.load(ptr + rows * stride + cols[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _dot_halves(a, b, a2, b2, DOT_PREC: tl.constexpr):
+        """a @ b^T + a2 @ b2^T over the two halves of a split head_dim, fp32."""
+        acc = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+        return tl.dot(a2, tl.trans(b2), acc, input_precision=DOT_PREC)
 
     @triton.jit
     def _visible(bq, bk, offs_m, offs_n, L, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr):
@@ -217,17 +224,13 @@ if triton is not None:
             do = _load_rows(DOb + rows * stride_dt + offs_d[None, :], mmask, MASKED, HEAD_DIM, BLOCK_D)
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         else:
-            mine = col0 + tl.arange(0, ACC_D)
-            other = (ACC_D - col0) + tl.arange(0, ACC_D)
-            q = _load_cols(Qb, rows, stride_qt, mine, mmask, HEAD_DIM)
-            do = _load_cols(DOb, rows, stride_dt, mine, mmask, HEAD_DIM)
-            q2 = _load_cols(Qb, rows, stride_qt, other, mmask, HEAD_DIM)
-            do2 = _load_cols(DOb, rows, stride_dt, other, mmask, HEAD_DIM)
-            # both score products first: this order keeps the fewest spills (kernel report)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dpT = tl.dot(v2, tl.trans(do2), dpT, input_precision=DOT_PREC)
-            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-            sT = tl.dot(k2, tl.trans(q2), sT, input_precision=DOT_PREC)
+            q = _load_half(Qb, rows, stride_qt, mmask, col0, HEAD_DIM, ACC_D)
+            do = _load_half(DOb, rows, stride_dt, mmask, col0, HEAD_DIM, ACC_D)
+            q2 = _load_half(Qb, rows, stride_qt, mmask, ACC_D - col0, HEAD_DIM, ACC_D)
+            do2 = _load_half(DOb, rows, stride_dt, mmask, ACC_D - col0, HEAD_DIM, ACC_D)
+            # both products first: the order with the fewest spills (kernel report)
+            dpT = _dot_halves(v, do, v2, do2, DOT_PREC)
+            sT = _dot_halves(k, q, k2, q2, DOT_PREC)
         if MASKED:
             lse = tl.load(LSEb + offs_m, mask=mmask, other=0.0)
             delta = tl.load(DELTAb + offs_m, mask=mmask, other=0.0)
@@ -279,13 +282,11 @@ if triton is not None:
             k = _load_rows(Kh + rows[:, None] * stride_kt + offs_d[None, :], nmask, True, HEAD_DIM, BLOCK_D)
             v = _load_rows(Vh + rows[:, None] * stride_vt + offs_d[None, :], nmask, True, HEAD_DIM, BLOCK_D)
             k2, v2 = k, v
-        else:  # this program's half of the columns, then the other half
-            mine = col0 + tl.arange(0, ACC_D)
-            other = (ACC_D - col0) + tl.arange(0, ACC_D)
-            k = _load_cols(Kh, rows[:, None], stride_kt, mine, nmask, HEAD_DIM)
-            v = _load_cols(Vh, rows[:, None], stride_vt, mine, nmask, HEAD_DIM)
-            k2 = _load_cols(Kh, rows[:, None], stride_kt, other, nmask, HEAD_DIM)
-            v2 = _load_cols(Vh, rows[:, None], stride_vt, other, nmask, HEAD_DIM)
+        else:
+            k = _load_half(Kh, rows[:, None], stride_kt, nmask, col0, HEAD_DIM, ACC_D)
+            v = _load_half(Vh, rows[:, None], stride_vt, nmask, col0, HEAD_DIM, ACC_D)
+            k2 = _load_half(Kh, rows[:, None], stride_kt, nmask, ACC_D - col0, HEAD_DIM, ACC_D)
+            v2 = _load_half(Vh, rows[:, None], stride_vt, nmask, ACC_D - col0, HEAD_DIM, ACC_D)
         BLKb = BLK + start
         bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
         dk = tl.zeros((BLOCK_N, ACC_D), dtype=tl.float32)
@@ -373,16 +374,12 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         else:
-            mine = col0 + tl.arange(0, ACC_D)
-            other = (ACC_D - col0) + tl.arange(0, ACC_D)
-            k = _load_cols(Kb, rows, stride_kt, mine, nmask, HEAD_DIM)
-            k2 = _load_cols(Kb, rows, stride_kt, other, nmask, HEAD_DIM)
-            v = _load_cols(Vb, rows, stride_vt, mine, nmask, HEAD_DIM)
-            v2 = _load_cols(Vb, rows, stride_vt, other, nmask, HEAD_DIM)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PREC)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+            k = _load_half(Kb, rows, stride_kt, nmask, col0, HEAD_DIM, ACC_D)
+            k2 = _load_half(Kb, rows, stride_kt, nmask, ACC_D - col0, HEAD_DIM, ACC_D)
+            v = _load_half(Vb, rows, stride_vt, nmask, col0, HEAD_DIM, ACC_D)
+            v2 = _load_half(Vb, rows, stride_vt, nmask, ACC_D - col0, HEAD_DIM, ACC_D)
+            dp = _dot_halves(do, v, do2, v2, DOT_PREC)
+            s = _dot_halves(q, k, q2, k2, DOT_PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
@@ -423,13 +420,11 @@ if triton is not None:
             q = _load_rows(Qh + rows[:, None] * stride_qt + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D)
             do = _load_rows(DOh + rows[:, None] * stride_dt + offs_d[None, :], mmask, True, HEAD_DIM, BLOCK_D)
             q2, do2 = q, do
-        else:  # this program's half of the columns, then the other half
-            mine = col0 + tl.arange(0, ACC_D)
-            other = (ACC_D - col0) + tl.arange(0, ACC_D)
-            q = _load_cols(Qh, rows[:, None], stride_qt, mine, mmask, HEAD_DIM)
-            do = _load_cols(DOh, rows[:, None], stride_dt, mine, mmask, HEAD_DIM)
-            q2 = _load_cols(Qh, rows[:, None], stride_qt, other, mmask, HEAD_DIM)
-            do2 = _load_cols(DOh, rows[:, None], stride_dt, other, mmask, HEAD_DIM)
+        else:
+            q = _load_half(Qh, rows[:, None], stride_qt, mmask, col0, HEAD_DIM, ACC_D)
+            do = _load_half(DOh, rows[:, None], stride_dt, mmask, col0, HEAD_DIM, ACC_D)
+            q2 = _load_half(Qh, rows[:, None], stride_qt, mmask, ACC_D - col0, HEAD_DIM, ACC_D)
+            do2 = _load_half(DOh, rows[:, None], stride_dt, mmask, ACC_D - col0, HEAD_DIM, ACC_D)
         lse = tl.load(LSE + h64 * total + rows, mask=mmask, other=0.0)
         delta = tl.load(DELTA + h64 * total + rows, mask=mmask, other=0.0)
         Kb = K + start * stride_kt + kvh * stride_kh
