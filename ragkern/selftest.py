@@ -86,6 +86,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def _packed_run(model: torch.nn.Module, examples: list[dict]) -> tuple[torch.Tensor, dict, int]:
+    """One packed row: ``(token losses (T,), {parameter: gradient}, target count)``."""
+    batch = PackingCollator()(examples)
+    model.zero_grad()
+    loss, token_loss = causal_lm_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return token_loss[0].detach(), grads, int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _one_by_one(
+    model: torch.nn.Module, examples: list[dict], n_targets: int, *, fused: bool = True
+) -> tuple[torch.Tensor, dict]:
+    """Each example alone, gradients accumulated: ``(token losses (T,), {parameter: gradient})``."""
+    model.zero_grad()
+    token_losses = []
+    for ex in examples:
+        one = PackingCollator()([ex])
+        loss, token_loss = causal_lm_loss(
+            model,
+            {"input_ids": one["input_ids"], "labels": one["labels"]},
+            num_items_in_batch=n_targets,
+            fused=fused,
+        )
+        loss.backward()
+        token_losses.append(token_loss[0].detach())
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return torch.cat(token_losses), grads
+
+
 def check_packing_equivalence(
     model: torch.nn.Module, reference: torch.nn.Module | None = None, lengths=(7, 1, 12, 4), seed: int = 0
 ) -> CheckResult:
@@ -93,30 +125,14 @@ def check_packing_equivalence(
     on each example alone."""
     reference = model if reference is None else reference
     examples = _examples(model, list(lengths), seed)
-    batch = PackingCollator()(examples)
-    n_targets = int((batch["labels"][:, 1:] != -100).sum())
-    model.zero_grad()
-    loss, token_loss = causal_lm_loss(model, batch)
-    loss.backward()
-    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    reference.zero_grad()
-    singles = []
-    for ex in examples:
-        one = PackingCollator()([ex])
-        l_i, t_i = causal_lm_loss(
-            reference, {"input_ids": one["input_ids"], "labels": one["labels"]}, num_items_in_batch=n_targets
-        )
-        l_i.backward()  # gradients accumulate: their sum is the packed row's gradient
-        singles.append(t_i[0])
-    loss_err = _rel(token_loss[0], torch.cat(singles))
-    ref_grads = dict(reference.named_parameters())
-    if packed_grads.keys() != {n for n, p in ref_grads.items() if p.grad is not None}:
+    packed_loss, packed, n_targets = _packed_run(model, examples)
+    single_loss, single = _one_by_one(reference, examples, n_targets)
+    if packed.keys() != single.keys():
         return CheckResult(
             "packing equivalence", False, "packed and one-by-one runs reach different parameters"
         )
-    grad_err = max(_rel(g, ref_grads[n].grad) for n, g in packed_grads.items())
-    model.zero_grad()
-    reference.zero_grad()
+    loss_err = _rel(packed_loss, single_loss)
+    grad_err = max(_rel(g, single[n]) for n, g in packed.items())
     ok = loss_err < 1e-5 and grad_err < 1e-5
     return CheckResult(
         "packing equivalence", ok, f"token-loss rel err {loss_err:.2e}, max gradient rel err {grad_err:.2e}"
@@ -195,38 +211,6 @@ def check_model_path(path: str | os.PathLike) -> Path:
             f"{p} holds no config.json: give the folder a model was saved to with save_pretrained"
         )
     return p
-
-
-def _packed_run(model: torch.nn.Module, examples: list[dict]) -> tuple[torch.Tensor, dict, int]:
-    """One packed row: ``(token losses (T,), {parameter: gradient}, target count)``."""
-    batch = PackingCollator()(examples)
-    model.zero_grad()
-    loss, token_loss = causal_lm_loss(model, batch)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return token_loss[0].detach(), grads, int((batch["labels"][:, 1:] != -100).sum())
-
-
-def _one_by_one(
-    model: torch.nn.Module, examples: list[dict], n_targets: int, *, fused: bool = True
-) -> tuple[torch.Tensor, dict]:
-    """Each example alone, gradients accumulated: ``(token losses (T,), {parameter: gradient})``."""
-    model.zero_grad()
-    token_losses = []
-    for ex in examples:
-        one = PackingCollator()([ex])
-        loss, token_loss = causal_lm_loss(
-            model,
-            {"input_ids": one["input_ids"], "labels": one["labels"]},
-            num_items_in_batch=n_targets,
-            fused=fused,
-        )
-        loss.backward()
-        token_losses.append(token_loss[0].detach())
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return torch.cat(token_losses), grads
 
 
 def check_packing_equivalence_real(
