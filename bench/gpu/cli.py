@@ -104,10 +104,10 @@ def _environment(ctx) -> dict:
     return env
 
 
-def _plans(ctx, parts, matmul_tflops):
+def _plans(ctx, parts, peak_tflops):
     from . import correctness, e2e, micro
 
-    plans = {"correctness": correctness.plan(ctx), "e2e": e2e.plan(ctx, matmul_tflops)}
+    plans = {"correctness": correctness.plan(ctx), "e2e": e2e.plan(ctx, peak_tflops)}
     plans.update({p: micro.plan(ctx, p) for p in ("attention", "flce", "lora")})
     return {p: plans[p] for p in parts}
 
@@ -153,7 +153,8 @@ def _table(record: dict) -> list[str]:
     lines = [f"== ragkern GPU proof ({record['mode']}) on {dev}" + (f", driver {driver}" if driver else "")
              + f" | torch {v.get('torch')} triton {v.get('triton')} transformers {v.get('transformers')}",
              f"ceilings: copy {ceil.get('copy_GBps', '?')} GB/s | bf16 matmul {ceil.get('matmul_n', '?')}^3 "
-             f"{ceil.get('matmul_bf16_TFLOPs', '?')} TFLOP/s"]  # fmt: skip
+             f"{ceil.get('matmul_bf16_TFLOPs', '?')} TFLOP/s | datasheet bf16 peak (MFU's denominator) "
+             f"{ceil.get('datasheet_bf16_TFLOPs') or '?'} TFLOP/s"]  # fmt: skip
     if record["mode"] == "dry-run":
         lines.append("(dry run: tiny shapes on the CPU; the times only show that the code runs)")
     for part in PARTS:
@@ -171,7 +172,7 @@ def _table(record: dict) -> list[str]:
 def _e2e_way(way: str, r: dict) -> str:
     if "tokens_per_s" not in r:
         return f"{way} ERROR {str(r.get('error', 'did not run'))[:80]}"
-    mfu = f" MFU {r['mfu_vs_measured_matmul']:.2f}" if "mfu_vs_measured_matmul" in r else ""
+    mfu = f" MFU {r['mfu']:.2f}" if "mfu" in r else ""
     return f"{way} {r['tokens_per_s']:.0f} tok/s{mfu} {_fmt_bytes(r['peak_mem_bytes'])}"
 
 
@@ -270,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ceilings: {record['ceilings']}", flush=True)
     write()
 
-    plans = harness.run_guarded(
-        lambda: {"plans": _plans(ctx, args.parts, record["ceilings"].get("matmul_bf16_TFLOPs"))}
-    )
+    device_name = record["environment"].get("device", {}).get("name", "")
+    record["ceilings"]["datasheet_bf16_TFLOPs"] = peak = harness.datasheet_bf16_tflops(device_name)
+    plans = harness.run_guarded(lambda: {"plans": _plans(ctx, args.parts, peak)})
     if "plans" not in plans:
         record["error"] = plans
         write()

@@ -42,6 +42,20 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 
 
+# Datasheet dense bf16 peaks (TFLOP/s, without sparsity): the denominator of MFU, as PaLM and Megatron define it.
+# A measured matmul rate is a ceiling to compare with, not a peak: dividing by it inflates MFU.
+DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0,
+                         "H100 PCIe": 756.0, "A100": 312.0}  # fmt: skip
+
+
+def datasheet_bf16_tflops(device_name: str) -> float | None:
+    """The datasheet dense bf16 peak of a card named as ``torch.cuda.get_device_name`` names it, or None."""
+    for key, peak in DATASHEET_BF16_TFLOPS.items():
+        if key in device_name:
+            return peak
+    return None
+
+
 @dataclass
 class Ctx:
     """How a case runs. ``warm``: a warm-up worker, which only needs every kernel launched once."""
