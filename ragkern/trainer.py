@@ -22,6 +22,7 @@ from .collator import PackingCollator, PaddingCollator
 from .data.encode import IGNORE_INDEX
 from .data.prepare import EncodedDataset, EncodeStats, encode_records
 from .data.raft import RaftEpochDataset
+from .gguf import name_by_hub_id
 from .kernels.cross_entropy import IMPLS as FUSED_LOSS_IMPLS
 from .loss import causal_lm_loss, logits_token_loss
 from .packing import PackedBatchSampler, PackedIterableDataset, pack_lengths, stream_dataloader
@@ -536,7 +537,10 @@ class RagTrainer(Trainer):
         self._ready = True
 
     def _prepare_model(self, model: torch.nn.Module, args: RagTrainingArguments) -> torch.nn.Module:
-        """Every model this trainer trains: wrapped by ``peft_config`` and on boundary-aware attention."""
+        """Every model this trainer trains: named by its hub id when converted from a GGUF (so its adapters
+        name a base any machine can load, :func:`ragkern.gguf.name_by_hub_id`), wrapped by ``peft_config``
+        and on boundary-aware attention."""
+        name_by_hub_id(model)
         if self._peft_config is not None:
             model = _wrap_peft(model, self._peft_config, args)
         if args.packing:
