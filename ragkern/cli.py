@@ -14,26 +14,22 @@ import math
 import os
 import sys
 
+from .paths import MODEL_EXPECTED, TOKENIZER_EXPECTED, load_tokenizer, local_folder
+
 
 class CliError(Exception):
     """An ordinary mistake on the command line; the message says what is wrong and what to do."""
 
 
-def _model_dir(path: str, what: str = "--model") -> str:
-    """``path`` when it is a local folder or plausibly a hub id; a CliError for a local path that is missing.
+def _model_dir(path: str) -> str:
+    """``--model``: a local folder (``~`` expanded) or a hub id; a PathError for a local path that is missing."""
+    return local_folder(path, "--model", MODEL_EXPECTED)
 
-    A hub id ``org/name`` is left to ``from_pretrained`` (which may go online); anything that looks like a
-    local path (``./x``, ``/x``, ``a/b/c``, ``x.json``) must exist.
-    """
-    if os.path.isdir(path):
-        return path
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".json")
-    if looks_local or os.path.exists(path):
-        raise CliError(
-            f"{what} {path!r}: no such folder (give a folder holding config.json, e.g. one written by "
-            "save_pretrained or `ragkern convert-gguf`, or a hub id such as org/name)"
-        )
-    return path
+
+def _tokenizer(path: str):
+    """``--tokenizer``: the tokenizer of a local folder or a hub id, or a PathError that says what is missing."""
+    folder = local_folder(path, "--tokenizer", TOKENIZER_EXPECTED)
+    return load_tokenizer(folder, "--tokenizer", f"give --tokenizer {TOKENIZER_EXPECTED}")
 
 
 def _data_file(path: str, what: str = "DATA") -> str:
@@ -96,19 +92,20 @@ def _config_or_model_type(value: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .data import load_records
     from .evaluate import evaluate_answers, format_metrics
+    from .gguf import load_causal_lm
 
     records = load_records(_data_file(args.data, "--data"), kinds=("raft",))
     if not records:
         raise CliError(f"--data {args.data!r} holds no RAFT records ({{question, passages, answer}})")
-    _model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(
-        _model_dir(args.tokenizer, "--tokenizer") if args.tokenizer else args.model
-    )
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device)
+    model_dir = _model_dir(args.model)
+    if args.tokenizer:
+        tokenizer = _tokenizer(args.tokenizer)
+    else:
+        fix = "pass the model's tokenizer with --tokenizer PATH (a tokenizer folder or a hub id)"
+        tokenizer = load_tokenizer(model_dir, "--model", fix)
+    model = load_causal_lm(model_dir).to(args.device)  # an adapter's converted base loads offline
     metrics = evaluate_answers(
         model,
         tokenizer,
@@ -188,8 +185,6 @@ def _packing_note(stats: dict, max_length: int) -> list[str]:
 def _pack_stats(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from transformers import AutoTokenizer
-
     from .data import pack_stats
 
     if args.png and importlib.util.find_spec("matplotlib") is None:
@@ -198,7 +193,7 @@ def _pack_stats(args: argparse.Namespace) -> int:
             "'ragkern[bench]')"
         )
     _data_file(args.data)
-    tokenizer = AutoTokenizer.from_pretrained(_model_dir(args.tokenizer, "--tokenizer"))
+    tokenizer = _tokenizer(args.tokenizer)
     stats = pack_stats(args.data, tokenizer, args.max_length, batch_size=args.batch_size, png=args.png)
     print(_format_pack_stats(stats, args.max_length))
     if args.png:

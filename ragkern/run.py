@@ -38,7 +38,6 @@ import torch
 import yaml
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     HfArgumentParser,
     PreTrainedTokenizerFast,
     set_seed,
@@ -46,6 +45,7 @@ from transformers import (
 
 from .data import EncodeStats, RaftBuilder, RaftEpochDataset, encode_records, load_records, mix_sources
 from .data.tokenizer import build_word_tokenizer
+from .paths import MODEL_EXPECTED, TOKENIZER_EXPECTED, load_tokenizer, local_folder
 from .selftest import small_config
 from .trainer import RagTrainer, RagTrainingArguments, get_peft_model_quietly
 
@@ -175,6 +175,15 @@ class ModelArguments:
             raise ConfigError(
                 "model_config needs tokenizer_name_or_path: a tokenizer folder, or 'word' (offline word-level "
                 "tokenizer built from the data)"
+            )
+        # a missing local folder is reported here, before any data is loaded (not as a bad hub repo id)
+        if self.model_name_or_path is not None:
+            self.model_name_or_path = local_folder(
+                self.model_name_or_path, "model_name_or_path", MODEL_EXPECTED
+            )
+        if self.tokenizer_name_or_path not in (None, WORD_TOKENIZER):
+            self.tokenizer_name_or_path = local_folder(
+                self.tokenizer_name_or_path, "tokenizer_name_or_path", f"{TOKENIZER_EXPECTED}, or 'word'"
             )
         if self.lora_r < 0:
             raise ConfigError(f"lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
@@ -332,6 +341,7 @@ def parse_train_args(
         ConfigError: an unknown option in the file, a bad source or option value of this module (the message
             names it). A value that cannot be converted (``--learning_rate abc``) exits with argparse's usage
             error, as any flag does.
+        PathError: a local model_name_or_path or tokenizer_name_or_path folder that does not exist.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -508,9 +518,13 @@ def run_train(
             [s.records for s in sources] + [s.builder.texts for s in sources if s.builder is not None]
         )
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.tokenizer_name_or_path or model_args.model_name_or_path
-        )
+        if model_args.tokenizer_name_or_path:
+            path, option = model_args.tokenizer_name_or_path, "tokenizer_name_or_path"
+            fix = f"give tokenizer_name_or_path {TOKENIZER_EXPECTED}"
+        else:
+            path, option = model_args.model_name_or_path, "model_name_or_path"
+            fix = "set tokenizer_name_or_path to the model's tokenizer (a tokenizer folder or a hub id)"
+        tokenizer = load_tokenizer(path, option, fix)
 
     if data_args.resample_every_epoch and sources[0].builder is not None:
         # RagTrainer re-draws a RaftEpochDataset every epoch (DataArguments allows one qa source for this).

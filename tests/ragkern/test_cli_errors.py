@@ -125,3 +125,72 @@ def test_a_lora_run_evaluates_from_another_folder(tmp_path, monkeypatch, capsys)
     args = ["eval", "--model", str(run_dir), "--data", str(DATA / "raft.jsonl"), "--max-new-tokens", "2"]
     assert main(args) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith("split               count      EM      F1")
+
+
+RAFT_SOURCES = json.dumps([{"kind": "raft", "path": str(DATA / "raft.jsonl")}])
+TRAIN_FLAGS = ["--sources", RAFT_SOURCES, "--output_dir", "out", "--max_steps", "1", "--use_cpu", "true"]
+
+
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_train_says_a_local_model_folder_does_not_exist(capsys, tmp_path, monkeypatch, how):
+    """Not huggingface_hub's "Repo id must be in the form ..." error: the path, resolved, and what to give."""
+    monkeypatch.chdir(tmp_path)
+    if how == "flag":
+        argv = ["train", "--model_name_or_path", "./no/such/folder", *TRAIN_FLAGS]
+    else:
+        (tmp_path / "run.yaml").write_text("model_name_or_path: ./no/such/folder\n")
+        argv = ["train", "--config", "run.yaml", *TRAIN_FLAGS]
+    err = one_line_error(
+        capsys,
+        argv,
+        f"model_name_or_path './no/such/folder': no such folder ({tmp_path / 'no' / 'such' / 'folder'})",
+        "a local checkpoint folder (one holding config.json",
+        "or a hub id such as org/name",
+    )
+    assert "Repo id" not in err
+
+
+def test_train_says_a_local_tokenizer_folder_does_not_exist(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--model_config", "llama", "--tokenizer_name_or_path", "../tok", *TRAIN_FLAGS]
+    one_line_error(
+        capsys,
+        argv,
+        f"tokenizer_name_or_path '../tok': no such folder ({tmp_path.parent / 'tok'})",
+        "a local tokenizer folder",
+        "or 'word'",
+    )
+
+
+@pytest.mark.parametrize("hub_id", ["gpt2", "Qwen/Qwen2.5-0.5B"])
+def test_a_hub_id_is_left_to_from_pretrained(hub_id, tmp_path, monkeypatch):
+    from ragkern.run import ModelArguments
+
+    monkeypatch.chdir(tmp_path)
+    args = ModelArguments(model_name_or_path=hub_id, tokenizer_name_or_path=hub_id)
+    assert (args.model_name_or_path, args.tokenizer_name_or_path) == (hub_id, hub_id)
+
+
+def test_a_model_folder_under_home_is_found(tmp_path, monkeypatch):
+    """YAML values reach from_pretrained unexpanded by a shell, and transformers reads ~/x as a repo id."""
+    from ragkern.run import ModelArguments
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ckpt").mkdir()
+    assert ModelArguments(model_name_or_path="~/ckpt").model_name_or_path == str(tmp_path / "ckpt")
+
+
+def test_train_says_the_model_folder_holds_no_tokenizer(capsys, tmp_path, monkeypatch):
+    """Not "You need to have sentencepiece or tiktoken installed": the folder, and the option that fixes it."""
+    from tests.ragkern.tiny import tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    tiny_model("llama", attn="sdpa").save_pretrained(tmp_path / "ckpt")
+    capsys.readouterr()  # save_pretrained's progress bar
+    err = one_line_error(
+        capsys,
+        ["train", "--model_name_or_path", "ckpt", *TRAIN_FLAGS],
+        f"model_name_or_path 'ckpt': the folder {tmp_path / 'ckpt'} holds no tokenizer",
+        "set tokenizer_name_or_path",
+    )
+    assert "sentencepiece" not in err

@@ -77,3 +77,33 @@ def test_eval_cli_rejects_records_that_are_not_raft(saved, capsys):
     )
     with pytest.raises(LoadError, match=r"bad.jsonl:2: a dap record"):  # --debug: the exception itself
         main(["eval", "--model", str(path / "model"), "--data", str(bad), "--debug"])
+
+
+def test_eval_on_a_folder_without_a_tokenizer_names_the_tokenizer_option(saved, capsys):
+    """Not "You need to have sentencepiece or tiktoken installed": the folder holds no tokenizer, and
+    --tokenizer gives one."""
+    path, model, _ = saved
+    model.save_pretrained(path / "weights_only")
+    capsys.readouterr()  # save_pretrained's progress bar
+    argv = ["eval", "--model", str(path / "weights_only"), "--data", str(path / "eval.jsonl")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"ragkern eval: error: --model '{path / 'weights_only'}': the folder {path / 'weights_only'} holds no "
+        "tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file); pass the model's tokenizer "
+        "with --tokenizer PATH (a tokenizer folder or a hub id)\n"
+    )
+    assert main([*argv, "--tokenizer", str(path / "weights_only")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main([*argv, "--tokenizer", str(path / "model"), "--max-new-tokens", "1"]) == 0
+
+
+def test_a_folder_with_tokenizer_files_keeps_the_library_error(tmp_path):
+    """A tokenizer file that cannot be read (here a sentencepiece model that is not one) is not "no tokenizer"."""
+    from ragkern.paths import load_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    with pytest.raises(Exception) as info:
+        load_tokenizer(str(tmp_path), "--model", "pass --tokenizer")
+    assert "holds no tokenizer" not in str(info.value)
