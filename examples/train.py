@@ -29,13 +29,16 @@ def main():
     script, args = HfArgumentParser((ScriptArguments, RagTrainingArguments)).parse_args_into_dataclasses()
     tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, attn_implementation="ragkern")
+    peft_config = None
     if script.lora_r:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        model = get_peft_model(model, LoraConfig(r=script.lora_r, target_modules="all-linear"))
+        peft_config = LoraConfig(r=script.lora_r, target_modules="all-linear")
     with open(script.data) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    trainer = RagTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
+    trainer = RagTrainer(
+        model=model, args=args, train_dataset=records, processing_class=tokenizer, peft_config=peft_config
+    )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
 

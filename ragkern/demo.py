@@ -253,7 +253,12 @@ class LearningCurve(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
             acc = evaluate_answers(
-                model, self.tokenizer, self.records, max_new_tokens=4, block_attention=self.block_attention
+                model,
+                self.tokenizer,
+                self.records,
+                max_new_tokens=4,
+                block_attention=self.block_attention,
+                show_progress=False,  # a few seconds, under the training bar
             )["exact_match"]
             point = {
                 "step": state.global_step,
@@ -340,7 +345,14 @@ def _run_demo(
 
     def accuracy(records: list[dict]) -> dict:
         # A block-attention model answers under the block mask it was trained with.
-        return evaluate_answers(model, tokenizer, records, max_new_tokens=4, block_attention=block_attention)
+        return evaluate_answers(
+            model,
+            tokenizer,
+            records,
+            max_new_tokens=4,
+            block_attention=block_attention,
+            show_progress=not quiet,
+        )
 
     say = (lambda *a: None) if quiet else print
     n_params = sum(p.numel() for p in model.parameters())

@@ -181,7 +181,7 @@ def generate_answers(
     *,
     batch_size: int = 64,
     max_new_tokens: int = 16,
-    show_progress: bool = False,
+    show_progress: bool = True,
     block_attention: bool = False,
 ) -> list[str]:
     """Greedy answers, one decoded string per record (special tokens dropped), in the order of ``records``.
@@ -192,7 +192,8 @@ def generate_answers(
     ``max_new_tokens``. Greedy answers are those of ``model.generate(do_sample=False)`` with the same stop
     tokens and the same batches, on any attention implementation that honours a padding mask (eager, sdpa and
     "ragkern" are tested); in half precision a near-tie can flip with the batch a prompt is padded into.
-    ``show_progress`` shows a progress bar over the records (over the batches with ``block_attention``).
+    A progress bar over the records (over the batches with ``block_attention``) goes to stderr unless
+    ``show_progress=False``.
 
     ``block_attention=True`` answers as a model trained with ``block_attention=True`` was trained: under the
     passage block mask (each passage sees only itself; generated tokens are block 0), the prompts of equal
@@ -366,13 +367,14 @@ def evaluate_answers(
     *,
     batch_size: int = 64,
     max_new_tokens: int = 16,
-    show_progress: bool = False,
+    show_progress: bool = True,
     block_attention: bool = False,
 ) -> dict:
     """Greedy answers on RAFT records, scored by :func:`score_predictions` (exact match, token F1, citation of
     the oracle, each overall and per oracle split); every prediction holds the record's ``index``, the
     parsed ``prediction``, the raw ``generated`` text, the reference ``answer``, its scores, ``oracle`` and
-    ``split``. ``block_attention=True`` decodes under the passage block mask (see :func:`generate_answers`)."""
+    ``split``. ``block_attention=True`` decodes under the passage block mask (see :func:`generate_answers`).
+    A progress bar goes to stderr unless ``show_progress=False``."""
     if not records:
         raise ValueError("evaluate_answers needs at least one record")
     generated = generate_answers(

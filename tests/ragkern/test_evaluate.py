@@ -104,6 +104,23 @@ def test_evaluate_answers_scripted():
     assert max(shape[0] for shape in model.calls) <= 2  # batches of at most batch_size prompts
 
 
+def test_evaluate_answers_shows_a_progress_bar_unless_told_not_to(capsys):
+    """A long evaluation is never silent: the bar is on by default (the recipe's evaluation before training
+    showed nothing for minutes), and ``show_progress=False`` turns it off."""
+    tok = build_word_tokenizer(WORDS)
+    records = [
+        {"question": "dovak ?", "passages": ["dovak kel"], "answer": "kel"},
+        {"question": "zurin ?", "passages": ["zurin mipel"], "answer": "mipel"},
+    ]
+    model = scripted(tok, records, ["kel", "mipel"])
+    assert evaluate_answers(model, tok, records, batch_size=1, max_new_tokens=2)["exact_match"] == 1.0
+    err = capsys.readouterr().err
+    assert "generating" in err and "2/2" in err
+    evaluate_answers(model, tok, records, batch_size=1, max_new_tokens=2, show_progress=False)
+    generate_answers(model, tok, records, batch_size=1, max_new_tokens=2, show_progress=False)
+    assert "generating" not in capsys.readouterr().err
+
+
 def test_generate_answers_stops_at_max_new_tokens():
     tok = build_word_tokenizer(WORDS)
     record = {"question": "dovak ?", "passages": ["dovak kel"], "answer": "kel"}
@@ -328,12 +345,13 @@ def test_generate_answers_batches_longest_first_and_keeps_the_order(capsys):
 
 def test_generate_answers_on_a_peft_model(one_thread):
     """A LoRA-wrapped model (as after RagTrainer with peft) decodes through its adapters."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
+    from ragkern.trainer import get_peft_model_quietly
     from tests.ragkern.tiny import tiny_model, word_tokenizer
 
     tok = word_tokenizer()
-    model = get_peft_model(
+    model = get_peft_model_quietly(
         tiny_model("llama", vocab_size=len(tok), seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     )
     with torch.no_grad():
