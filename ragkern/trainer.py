@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -540,12 +541,26 @@ class RagTrainer(Trainer):
         """Every model this trainer trains: named by its hub id when converted from a GGUF (so its adapters
         name a base any machine can load, :func:`ragkern.gguf.name_by_hub_id`), wrapped by ``peft_config``
         and on boundary-aware attention."""
-        name_by_hub_id(model)
+        hub_id = name_by_hub_id(model)
+        if hub_id is not None:
+            self._hub_named = hub_id
         if self._peft_config is not None:
             model = _wrap_peft(model, self._peft_config, args)
         if args.packing:
             _use_boundary_aware_attention(model, args.attn_implementation)
         return model
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # peft checks the hub for the config of an adapter's base to see whether the vocabulary was resized;
+        # name_by_hub_id named the base only after checking it was not, so offline its "Could not find a config
+        # file" warning on every save says nothing.
+        with warnings.catch_warnings():
+            hub_id = getattr(self, "_hub_named", None)
+            if hub_id is not None:
+                warnings.filterwarnings(
+                    "ignore", message=f"Could not find a config file in {re.escape(hub_id)}"
+                )
+            super()._save(output_dir, state_dict=state_dict)
 
     def call_model_init(self, trial=None):
         """``model_init``'s model, prepared as ``model=`` is (peft, attention, fused LoRA): ``Trainer`` calls

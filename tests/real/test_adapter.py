@@ -3,6 +3,7 @@ and loads back: offline through ragkern (the id resolves to the local conversion
 
 import importlib.metadata
 import json
+import warnings
 
 import pytest
 import torch
@@ -54,7 +55,10 @@ def trained(one_thread, smollm2_path, smollm2_tokenizer, tmp_path_factory):
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     trainer.train()
-    trainer.save_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.save_model()  # offline: peft cannot reach the hub to check the vocabulary, and need not
+    assert not [w for w in caught if "Could not find a config file" in str(w.message)]
     ids = smollm2_tokenizer("Question: which river runs through the city?", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = trainer.model.eval()(input_ids=ids).logits
