@@ -49,7 +49,7 @@ def test_hub_kernels_transformers_and_peft_import_from_the_repo_root():
     assert result.stdout.startswith("ok")
 
 
-def test_the_kernels_folder_fails_like_a_missing_package(tmp_path):
+def test_the_kernels_folder_fails_like_a_missing_package():
     # -S: no site-packages, so no `kernels` is installed; the folder in the root must not stand in for one
     result = run_in_root(
         """
