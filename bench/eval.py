@@ -83,7 +83,8 @@ def main():
     ]
     kw = dict(batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
     ways = {
-        "ragkern": lambda recs: generate_answers(model, tokenizer, recs, **kw),
+        # no progress bar: generate_answers draws one by default, model.generate's way has none to time
+        "ragkern": lambda recs: generate_answers(model, tokenizer, recs, show_progress=False, **kw),
         "generate": lambda recs: generate_in_order(model, tokenizer, recs, **kw),
     }
 
