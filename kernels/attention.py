@@ -943,6 +943,106 @@ def block_mask(block_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
     return allowed
 
 
+def window_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, causal: bool = True
+) -> torch.Tensor:
+    """Boolean ``(len(q_pos), len(k_pos))`` mask of positions inside one example: True where the query may see
+    the key under the causal cut and a sliding ``window`` (transformers' ``sliding_window``: a query sees the
+    ``window`` most recent keys, itself included, i.e. ``i - window < j <= i``; non-causal: ``|i - j| < window``).
+    """
+    d = q_pos[:, None] - k_pos[None, :]
+    allowed = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
+    if window is not None:
+        allowed &= (d < window) if causal else (d.abs() < window)
+    return allowed
+
+
+def _check_window(window: int | None, softcap: float | None) -> None:
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1
+    ):
+        raise ValueError(
+            f"window must be a positive int (the number of keys a query sees) or None; got {window!r}"
+        )
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap > 0
+    ):
+        raise ValueError(f"softcap must be a positive number or None; got {softcap!r}")
+
+
+def _chunk_attention(
+    qi: torch.Tensor,
+    ki: torch.Tensor,
+    vi: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+    causal_square: bool,
+) -> torch.Tensor:
+    """q ``(Hq, M, D)``, k/v ``(Hkv, N, D)``, ``allowed`` ``(M, N)`` or None -> ``(Hq, M, D)``.
+
+    SDPA when no softcap; otherwise the scores explicitly (``softcap * tanh(s / softcap)`` before the mask)."""
+    Hq, Hkv = qi.shape[0], ki.shape[0]
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            qi[None],
+            ki[None],
+            vi[None],
+            attn_mask=allowed,
+            is_causal=causal_square and allowed is None,
+            scale=scale,
+            enable_gqa=Hq != Hkv,
+        )[0]
+    if Hq != Hkv:
+        ki, vi = ki.repeat_interleave(Hq // Hkv, 0), vi.repeat_interleave(Hq // Hkv, 0)
+    s = torch.matmul(qi, ki.transpose(-1, -2)).float() * scale
+    s = torch.tanh(s / softcap) * softcap
+    if allowed is None and causal_square:
+        M = s.shape[-1]
+        allowed = torch.ones(M, M, dtype=torch.bool, device=s.device).tril()
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1).to(vi.dtype), vi)
+
+
+def _example_attention(
+    qi: torch.Tensor,
+    ki: torch.Tensor,
+    vi: torch.Tensor,
+    blocks: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """One example: q ``(Hq, L, D)``, k/v ``(Hkv, L, D)``, blocks ``(L,)`` or None -> ``(Hq, L, D)``.
+
+    With a window shorter than the example, queries run in chunks of ``window`` rows, each against only the keys
+    its window reaches (``window + chunk`` of them): the cost is ``O(L * window)``, not ``O(L^2)``."""
+    L = qi.shape[1]
+    if window is not None and window >= L:
+        window = None  # the window reaches every key: plain (block-)causal attention
+    if window is None:
+        allowed = None if blocks is None else block_mask(blocks, causal)
+        return _chunk_attention(qi, ki, vi, allowed, scale, softcap, causal)
+    dev = qi.device
+    chunk = max(window, 16)
+    outs = []
+    for a in range(0, L, chunk):
+        b = min(a + chunk, L)
+        lo = max(0, a - window + 1)
+        hi = b if causal else min(L, b + window - 1)
+        q_pos = torch.arange(a, b, device=dev)
+        k_pos = torch.arange(lo, hi, device=dev)
+        allowed = window_mask(q_pos, k_pos, window, causal)
+        if blocks is not None:
+            bq, bk = blocks[a:b], blocks[lo:hi]
+            allowed &= (bq[:, None] == bk[None, :]) | (bq[:, None] == 0)
+        outs.append(_chunk_attention(qi[:, a:b], ki[:, lo:hi], vi[:, lo:hi], allowed, scale, softcap, False))
+    return torch.cat(outs, dim=1)
+
+
 def varlen_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -952,35 +1052,33 @@ def varlen_attention_reference(
     causal: bool = True,
     softmax_scale: float | None = None,
     block_ids: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Exact attention example by example (the CPU path). Returns ``(total, Hq, D)`` in q's dtype.
 
-    No checking here: :func:`varlen_attention` validates. Differentiable through autograd.
+    ``window``: a query sees only the ``window`` most recent keys of its example (itself included); the work
+    then falls with the window. ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before the mask
+    and softmax (Gemma 2). No checking here: :func:`varlen_attention` validates. Differentiable through autograd.
     """
-    total, Hq, D = q.shape
-    Hkv = k.shape[1]
+    D = q.shape[2]
     scale = softmax_scale if softmax_scale is not None else D**-0.5
     bounds = cu_seqlens.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qi = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hq, L, D)
-        ki = k[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
-        vi = v[start:end].transpose(0, 1).unsqueeze(0)
-        mask = None
-        if block_ids is not None:
-            mask = block_mask(block_ids[start:end], causal)
-        oi = F.scaled_dot_product_attention(
-            qi,
-            ki,
-            vi,
-            attn_mask=mask,
-            is_causal=causal and mask is None,
+        oi = _example_attention(
+            q[start:end].transpose(0, 1),  # (Hq, L, D)
+            k[start:end].transpose(0, 1),  # (Hkv, L, D)
+            v[start:end].transpose(0, 1),
+            None if block_ids is None else block_ids[start:end],
+            causal=causal,
             scale=scale,
-            enable_gqa=Hq != Hkv,
+            window=window,
+            softcap=softcap,
         )
-        outs.append(oi.squeeze(0).transpose(0, 1))  # (L, Hq, D)
+        outs.append(oi.transpose(0, 1).to(q.dtype))  # (L, Hq, D)
     if not outs:
         return torch.empty_like(q)
     return torch.cat(outs, dim=0)
@@ -997,6 +1095,8 @@ def varlen_attention(
     softmax_scale: float | None = None,
     block_ids: torch.Tensor | None = None,
     block_tiles: BlockTiles | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
@@ -1013,6 +1113,11 @@ def varlen_attention(
         block_tiles: the Triton path's tile lists for these ``cu_seqlens``/``block_ids``, from
             :func:`block_tiles`, built once per batch and shared by every layer and the backward. Without it each
             call builds its own (a hundred or so small device ops per call). Ignored by the torch backend.
+        window: sliding-window attention as transformers' ``sliding_window``: a query sees only the ``window``
+            most recent keys of its own example, itself included (``i - window < j <= i``). Key tiles wholly
+            outside every query's window are skipped, so the cost falls with the window. None: no window.
+        softcap: attention logit soft-capping (Gemma 2's ``attn_logit_softcapping``): scores, after
+            ``softmax_scale``, become ``softcap * tanh(scores / softcap)`` before the mask and softmax.
         backend: ``"torch"`` (the exact per-example reference), ``"triton"`` or ``"auto"``
             (Triton on CUDA, torch elsewhere).
         validate: check the values of ``cu_seqlens`` (starts at 0, ends at ``total``, non-decreasing, no example
@@ -1026,9 +1131,12 @@ def varlen_attention(
         ``(total, Hq, D)`` in the dtype of ``q``.
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_ids, backend, validate)
+    _check_window(window, softcap)
     if backend == "auto":
         backend = "triton" if q.is_cuda and triton is not None else "torch"
     if backend == "triton":
+        if window is not None or softcap is not None:
+            raise NotImplementedError("window/softcap on the Triton path: in progress")
         _triton_ready(q.device)
         D = q.shape[2]
         if D % 8 or not 16 <= D <= _TRITON_MAX_HEAD_DIM:
@@ -1047,7 +1155,15 @@ def varlen_attention(
             q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(scale), block_ids, block_tiles
         )
     return varlen_attention_reference(
-        q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale, block_ids=block_ids
+        q,
+        k,
+        v,
+        cu_seqlens,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        block_ids=block_ids,
+        window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
     )
 
 
