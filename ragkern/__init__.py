@@ -14,7 +14,7 @@ from ._register import register_when_transformers_loads
 __version__ = "0.1.0"
 __all__ = ["PackingCollator", "RagTrainer", "RagTrainingArguments", "__version__"]
 
-_LAZY = {"PackingCollator": ".collator", "RagTrainer": ".trainer", "RagTrainingArguments": ".trainer"}
+_LAZY = {"PackingCollator": ".collator", "RagTrainer": ".trainer", "RagTrainingArguments": ".training_args"}
 
 
 def __getattr__(name: str):

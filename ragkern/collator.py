@@ -125,3 +125,25 @@ class PaddingCollator:
             labels[i, :n] = torch.as_tensor(ex["labels"] if ex.get("labels") is not None else ex["input_ids"])
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def example_spans(batch: dict) -> list[tuple[int, int, int]]:
+    """``(row, start, end)`` of every example of a batch, in order: the segments of a packed row
+    (``cu_seq_lens_q``), or the rows of a right-padded batch up to their ``attention_mask`` length."""
+    cu = batch.get("cu_seq_lens_q")
+    if cu is not None:
+        bounds = cu.tolist()
+        return [(0, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    B, T = batch["input_ids"].shape[:2]
+    mask = batch.get("attention_mask")
+    lengths = mask.sum(1).tolist() if mask is not None else [T] * B
+    return [(b, 0, int(n)) for b, n in enumerate(lengths)]
+
+
+def per_example(t: torch.Tensor, spans: list[tuple[int, int, int]], pad) -> torch.Tensor:
+    """``(B, T, ...)`` -> ``(n, L, ...)``: one row per span, padded with ``pad`` to the longest span."""
+    longest = max(e - s for _, s, e in spans)
+    out = t.new_full((len(spans), longest, *t.shape[2:]), pad)
+    for i, (row, s, e) in enumerate(spans):
+        out[i, : e - s] = t[row, s:e]
+    return out

@@ -122,6 +122,23 @@ def pack_in_order(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return bins
 
 
+def bins_for_ranks(num_bins: int, num_replicas: int) -> int:
+    """The bin count every packing is split up to so that each of ``num_replicas`` ranks gets as many bins:
+    the next multiple of ``num_replicas``."""
+    return -(-num_bins // num_replicas) * num_replicas
+
+
+def split_fullest(bins: list[list]) -> bool:
+    """Split the bin holding the most examples (the first of equals) into two halves, in place; False (and
+    nothing split) when every bin holds one example. The one way bins are added for the ranks' sake."""
+    i = max(range(len(bins)), key=lambda j: (len(bins[j]), -j), default=None)
+    if i is None or len(bins[i]) < 2:
+        return False
+    b = bins[i]
+    bins[i : i + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]
+    return True
+
+
 class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields the example indices of ``bins_per_batch`` packed bins per micro-batch, for this rank.
 
@@ -135,8 +152,11 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
     re-packs. ``lengths`` then describes the dataset as it is now. Give ``num_bins`` (at least the bins any epoch
     needs) so that ``len()`` stays the same every epoch, as ``Trainer`` counts steps once.
 
-    ``in_order=True`` (evaluation and prediction) packs consecutive examples (:func:`pack_in_order`) and never
-    shuffles: on one rank the batches hold the examples in dataset order.
+    ``in_order=True`` (evaluation, prediction, ``train_sampling_strategy="sequential"``) packs consecutive
+    examples (:func:`pack_in_order`) and never shuffles: on one rank the batches hold the examples in dataset
+    order.
+
+    :meth:`bins_needed` and :meth:`batches` give the counts a sampler will have before building one.
     """
 
     def __init__(
@@ -161,8 +181,8 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(
                 f"num_bins={num_bins} must be a positive multiple of num_replicas={num_replicas}"
             )
-        if in_order and (shuffle or epoch_lengths is not None):
-            raise ValueError("in_order=True keeps the dataset order: it excludes shuffle and epoch_lengths")
+        if in_order and shuffle:
+            raise ValueError("in_order=True keeps the dataset order: it excludes shuffle")
         self.max_length = max_length
         self.bins_per_batch = bins_per_batch
         self.in_order = in_order
@@ -176,31 +196,36 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self._packed_epoch: int | None = None if epoch_lengths is not None else 0
         self._pack(lengths)
 
+    @staticmethod
+    def bins_needed(
+        lengths: Sequence[int], max_length: int, *, num_replicas: int = 1, in_order: bool = False
+    ) -> int:
+        """The bins a sampler packs ``lengths`` into (before any larger ``num_bins``)."""
+        pack = pack_in_order if in_order else pack_lengths
+        return bins_for_ranks(len(pack(lengths, max_length)), num_replicas)
+
+    @staticmethod
+    def batches(num_bins: int, *, num_replicas: int = 1, bins_per_batch: int = 1) -> int:
+        """Micro-batches per epoch on each rank (``len()``) of a sampler with ``num_bins`` bins."""
+        return math.ceil(num_bins // num_replicas / bins_per_batch)
+
     def _pack(self, lengths: Sequence[int]) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         pack = pack_in_order if self.in_order else pack_lengths
-        self.bins = self._split_for_ranks(pack(self.lengths, self.max_length))
-
-    def _split_for_ranks(self, bins: list[list[int]]) -> list[list[int]]:
-        target = self.num_bins
-        if target is None:
-            target = -(-len(bins) // self.num_replicas) * self.num_replicas
+        bins = pack(self.lengths, self.max_length)
+        target = self.num_bins if self.num_bins is not None else bins_for_ranks(len(bins), self.num_replicas)
         if len(bins) > target:
             raise ValueError(
                 f"the examples need {len(bins)} bins of {self.max_length} tokens, more than num_bins={target}; "
                 "raise num_bins"
             )
         while len(bins) < target:
-            splittable = [i for i, b in enumerate(bins) if len(b) > 1]
-            if not splittable:
+            if not split_fullest(bins):
                 raise ValueError(
                     f"{len(bins)} single-example bins cannot be split into {target} bins (num_replicas="
                     f"{self.num_replicas}); add examples or use fewer ranks"
                 )
-            i = max(splittable, key=lambda j: (len(bins[j]), -j))  # split the fullest-by-count bin
-            b = bins[i]
-            bins[i : i + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]
-        return bins
+        self.bins = bins
 
     @property
     def fill_ratio(self) -> float:
@@ -228,7 +253,9 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield [idx for b in mine[i : i + self.bins_per_batch] for idx in b]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.bins) // self.num_replicas / self.bins_per_batch)
+        return self.batches(
+            len(self.bins), num_replicas=self.num_replicas, bins_per_batch=self.bins_per_batch
+        )
 
 
 logger = logging.getLogger(__name__)
@@ -355,9 +382,7 @@ def _pack_stream(examples, max_length, buffer_size, multiple_of, stats) -> Itera
         pending = pending[ready:]
     # The last round: the held-back bins are packed again with the buffer, then split or trimmed to rounds.
     bins = pack(sorted([x for b in pending for x in b] + buffer, key=lambda x: x[0]))
-    while len(bins) % multiple_of and any(len(b) > 1 for b in bins):
-        i = max(range(len(bins)), key=lambda j: (len(bins[j]), -j))
-        bins[i : i + 1] = [bins[i][: len(bins[i]) // 2], bins[i][len(bins[i]) // 2 :]]
+    while len(bins) % multiple_of and split_fullest(bins):
         stats.split_for_ranks += 1
     extra = len(bins) % multiple_of
     if extra:  # every bin is one example, too few for a full round: drop the shortest
@@ -382,9 +407,10 @@ WORKER_SPLITS = ("auto", "source", "bins")
 def shards_by_worker(source) -> bool:
     """Whether ``source`` hands each DataLoader worker its own share of the stream by itself.
 
-    A ``datasets.IterableDataset`` does (it splits its shards between the workers), and so do ragkern's
-    :class:`~ragkern.data.EncodedStream` and :class:`~ragkern.data.RaftStream` over one. Anything else (lists,
-    files, generators) is read whole by every worker.
+    A ``datasets.IterableDataset`` does (it splits its shards between the workers), and so does a stream over
+    one that names, in its class attribute ``worker_shards_from``, the attribute holding its source (ragkern's
+    :class:`~ragkern.data.EncodedStream` and :class:`~ragkern.data.RaftStream`: ``"records"``). Anything else
+    (lists, files, generators) is read whole by every worker.
     """
     seen = set()
     while id(source) not in seen:
@@ -392,9 +418,10 @@ def shards_by_worker(source) -> bool:
         datasets = sys.modules.get("datasets")
         if datasets is not None and isinstance(source, datasets.IterableDataset):
             return True
-        if type(source).__name__ not in ("EncodedStream", "RaftStream") or not hasattr(source, "records"):
+        inner = getattr(type(source), "worker_shards_from", None)
+        if inner is None or not hasattr(source, inner):
             return False
-        source = source.records
+        source = getattr(source, inner)
     return False
 
 

@@ -39,6 +39,9 @@ class RaftStream:
         builder: the :class:`RaftBuilder` holding the corpus and the RAFT knobs.
     """
 
+    # DataLoader workers: this stream yields each worker's share when its records do (packing.shards_by_worker)
+    worker_shards_from = "records"
+
     def __init__(self, records, builder: RaftBuilder, *, epoch: int = 0, on_error: str = "raise"):
         self.records, self.builder, self.epoch, self.on_error = records, builder, epoch, on_error
 
@@ -64,6 +67,9 @@ class EncodedStream:
             :func:`ragkern.data.iter_records` of a path, ...); re-iterable for more than one pass.
         tokenizer, max_length, strict, trim, on_error: as in :func:`ragkern.data.encode_records`.
     """
+
+    # DataLoader workers: this stream yields each worker's share when its records do (packing.shards_by_worker)
+    worker_shards_from = "records"
 
     def __init__(
         self,

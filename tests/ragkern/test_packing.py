@@ -4,10 +4,14 @@ import torch
 
 from ragkern.packing import (
     PackedBatchSampler,
+    bins_for_ranks,
     cu_seqlens_from_lengths,
     cu_seqlens_from_position_ids,
+    pack_in_order,
     pack_lengths,
     position_ids_from_lengths,
+    shards_by_worker,
+    split_fullest,
 )
 
 
@@ -107,3 +111,66 @@ def test_sampler_fill_ratio_and_capacity():
     assert s.fill_ratio == pytest.approx(sum(lengths) / (len(s.bins) * 128))
     for batch in s:
         assert sum(lengths[i] for i in batch) <= 128
+
+
+@pytest.mark.parametrize("in_order", [False, True], ids=["best_fit", "in_order"])
+@pytest.mark.parametrize("num_replicas,bins_per_batch", [(1, 1), (2, 3), (3, 2)])
+def test_bin_and_batch_counts_are_the_samplers(in_order, num_replicas, bins_per_batch):
+    """The counts a trainer plans with (steps per epoch, bins per epoch) are those the sampler then has."""
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 100, size=67).tolist()
+    s = PackedBatchSampler(
+        lengths,
+        128,
+        shuffle=not in_order,
+        in_order=in_order,
+        num_replicas=num_replicas,
+        bins_per_batch=bins_per_batch,
+    )
+    assert PackedBatchSampler.bins_needed(lengths, 128, num_replicas=num_replicas, in_order=in_order) == len(
+        s.bins
+    )
+    assert len(s.bins) == bins_for_ranks(
+        len((pack_in_order if in_order else pack_lengths)(lengths, 128)), num_replicas
+    )
+    assert (
+        PackedBatchSampler.batches(len(s.bins), num_replicas=num_replicas, bins_per_batch=bins_per_batch)
+        == len(s)
+        == len(list(s))
+    )
+
+
+def test_split_fullest_halves_the_bin_with_most_examples():
+    bins = [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert split_fullest(bins) and bins == [[0, 1], [2], [3, 4], [5, 6, 7]]  # the first of the fullest
+    singles = [[0], [1]]
+    assert not split_fullest(singles) and singles == [[0], [1]]
+    assert not split_fullest([])
+
+
+def test_in_order_sampler_with_epoch_data_keeps_each_epochs_order():
+    epochs = {0: [5, 9, 3, 7], 1: [8, 2, 6, 4, 1]}
+    s = PackedBatchSampler(epochs[0], 12, shuffle=False, in_order=True, num_bins=4, epoch_lengths=epochs.get)
+    s.set_epoch(1)
+    assert [i for batch in s for i in batch] == list(range(5)) and len(s.bins) == 4
+
+
+def test_shards_by_worker_follows_the_explicit_attribute_not_the_class_name():
+    datasets = pytest.importorskip("datasets")
+    stream = datasets.Dataset.from_list([{"x": 1}]).to_iterable_dataset()
+
+    class Wrapper:  # any stream over its source, declared as such
+        worker_shards_from = "inner"
+
+        def __init__(self, inner):
+            self.inner = inner
+
+    class EncodedStream:  # the name alone no longer counts
+        def __init__(self, records):
+            self.records = records
+
+    assert shards_by_worker(stream) and shards_by_worker(Wrapper(Wrapper(stream)))
+    assert not shards_by_worker(Wrapper([{"x": 1}])) and not shards_by_worker(EncodedStream(stream))
+    from ragkern.data import EncodedStream as Real
+
+    assert Real.worker_shards_from == "records"

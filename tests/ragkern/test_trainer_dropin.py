@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ragkern import RagTrainer
+from ragkern.data.training import encode_for_training
 from tests.ragkern.tiny import GradCapture, plain_trainer_step, random_examples, tiny_model, word_tokenizer
 from tests.ragkern.tiny import trainer_args as args
 
@@ -188,7 +189,7 @@ def test_predict_encodes_records_and_keeps_rows_within_max_length(tmp_path, one_
     out = trainer.predict(records)
     assert out.predictions.shape[0] == len(records)
     assert [n for cu in rows for n in np.diff(cu)] == [
-        len(e["input_ids"]) for e in trainer._encode(records, tok, trainer.args)
+        len(e["input_ids"]) for e in encode_for_training(records, tok, max_length=40, purpose="predict")
     ]
     assert all(cu[-1] <= 40 for cu in rows) and len(rows) > 1
     with pytest.raises(ValueError, match="predict: 1 records do not fit max_length=40"):

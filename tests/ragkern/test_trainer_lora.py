@@ -80,7 +80,7 @@ def test_fused_lora_run_matches_peft_and_saves_a_plain_peft_adapter(tmp_path, ca
     # dropout against a reference that applies the kernel's own mask.
     plain = run(tmp_path, False, "plain")
     assert calls[0] == 0 and fused_layers(plain.model) == 0
-    with caplog.at_level(logging.INFO, logger="ragkern.trainer"):
+    with caplog.at_level(logging.INFO, logger="ragkern.modeling"):
         fused = run(tmp_path, True, "fused")
     assert (
         f"fused LoRA (ragkern.kernels.lora_linear, torch path) serves {N_LAYERS} of {N_LAYERS}" in caplog.text
