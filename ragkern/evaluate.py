@@ -118,6 +118,21 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return stop
 
 
+def prompt_text(record: dict, tokenizer) -> str:
+    """The text generation continues from: a RAFT record's rendered prompt (:func:`ragkern.data.render_prompt`),
+    or a chat record's ``messages`` up to (without) its last assistant turn, with the generation prompt."""
+    if "messages" not in record:
+        return render_prompt(record, tokenizer)
+    messages = list(record["messages"])
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not messages or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"record {record.get('id')!r}: a chat record needs user turns and a tokenizer with a chat template"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def _forward_names(model: torch.nn.Module) -> tuple[str, bool]:
     """The forward's name for the KV cache (``cache`` in newer transformers 5.x, ``past_key_values`` before),
     and whether it takes ``logits_to_keep``."""
@@ -186,7 +201,8 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers, one decoded string per record (special tokens dropped), in the order of ``records``.
 
-    Decoding is at ``model.generate`` speed: prompts (:func:`ragkern.data.render_prompt`) are sorted by token
+    Decoding is at ``model.generate`` speed: prompts (:func:`prompt_text`: RAFT records, or chat records'
+    ``messages`` up to the last assistant turn) are sorted by token
     length, longest first, and decoded ``batch_size`` at a time, left-padded, with a KV cache. Each answer stops
     at the first stop token (:func:`stop_token_ids`: the end-of-turn token, EOS, any special token) or after
     ``max_new_tokens``. Greedy answers are those of ``model.generate(do_sample=False)`` with the same stop
@@ -207,7 +223,7 @@ def generate_answers(
         return _block_masked_answers(
             model, tokenizer, records, batch_size, max_new_tokens, stop, show_progress
         )
-    prompts = [tokenizer(render_prompt(r, tokenizer), add_special_tokens=False)["input_ids"] for r in records]
+    prompts = [tokenizer(prompt_text(r, tokenizer), add_special_tokens=False)["input_ids"] for r in records]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: peak memory up front
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     was_training = model.training

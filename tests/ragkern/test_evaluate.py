@@ -17,6 +17,7 @@ from ragkern.evaluate import (
     normalize_answer,
     oracle_split,
     parse_answer,
+    prompt_text,
     score_predictions,
 )
 
@@ -362,3 +363,30 @@ def test_generate_answers_on_a_peft_model(one_thread):
     with model.disable_adapter():
         assert expected != [greedy_one_by_one(model, tok, r, 5) for r in VARIED]  # the adapters matter
     assert generate_answers(model, tok, VARIED, batch_size=3, max_new_tokens=5) == expected
+
+
+def test_generate_answers_on_chat_records():
+    """Instruction (chat) records are answered from their messages up to the last assistant turn."""
+    tokenizer = build_word_tokenizer(WORDS)
+    record = {
+        "id": "c1",
+        "messages": [
+            {"role": "user", "content": "what is the code"},
+            {"role": "assistant", "content": "kel"},
+        ],
+    }
+    prompt = prompt_text(record, tokenizer)
+    assert prompt == tokenizer.apply_chat_template(
+        record["messages"][:1], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt_text({"messages": record["messages"][:1]}, tokenizer) == prompt  # no answer turn: the same
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply = tokenizer("mipel dovak", add_special_tokens=False)["input_ids"] + [end]
+    model = ScriptedLM({tuple(ids + reply[:k]): t for k, t in enumerate(reply)}, len(tokenizer))
+    assert generate_answers(model, tokenizer, [record], show_progress=False) == ["mipel dovak"]
+    tokenizer.chat_template = None
+    with pytest.raises(
+        ValueError, match="'c1': a chat record needs user turns and a tokenizer with a chat template"
+    ):
+        prompt_text(record, tokenizer)
