@@ -21,7 +21,7 @@ gradient filtering drops (data-dependent: 0 for a flat softmax, most tiles once 
 
 ``--impls`` times the three ways the loss can run on a CPU, bf16, at a small shape (IMPL_SHAPE, a tenth of the
 targets of a packed RAFT row): impl="chunked" on the torch backend (what impl="auto" runs on CPU), and under
-``TRITON_INTERPRET=1`` impl="chunked" with its Triton row kernel and impl="fused"; printed, nothing written. It
+``TRITON_INTERPRET=1`` impl="chunked" with its Triton row kernel and impl="triton"; printed, nothing written. It
 decides impl="auto" on CPU (the Triton kernels exist there only as the interpreter).
 
     python bench/loss.py --impls --threads 1
@@ -46,7 +46,7 @@ IMPL_SHAPE = dict(N=2048, H=256, V=32000, targets=205)
 IMPLS = {  # method -> fused_linear_cross_entropy options
     "chunked_torch": dict(backend="torch", impl="chunked"),
     "chunked_triton_interpreted": dict(backend="triton", impl="chunked"),
-    "fused_triton_interpreted": dict(backend="triton", impl="fused"),
+    "triton_interpreted": dict(backend="triton", impl="triton"),
 }
 
 

@@ -10,6 +10,9 @@ For every token i with a target (``labels[i] != ignore_index``)::
 
 Ignored tokens are dropped before any matmul, so they cost nothing forward or backward.
 ``reduction="mean"`` divides the weighted sum by the number of non-ignored tokens (0 when there are none).
+``return_hits`` also gives each token's ``argmax_j s_j == labels[i]`` (token accuracy), taken where the log-sum-exp
+already visits every logit: the first index wins a tie, as ``torch.argmax``. No gradient.
+:func:`fused_linear_cross_entropy_reference` is the same definition on materialised logits (tests, bench/gpu).
 
 Two designs (``impl``), three paths:
 - chunked (``impl="chunked"``, the default): the target rows in chunks; per chunk the logits
@@ -18,11 +21,11 @@ Two designs (``impl``), three paths:
   matmuls again: 3 GEMMs of the target rows in all. The gradients are computed in the forward pass (the
   logits are built once); backward scales them by ``grad_output``, and recomputes only when the per-token
   ``grad_output`` is not uniform (``reduction="none"`` followed by anything but a scaled sum). Row steps:
-  - torch (CPU, fp64, and the exact reference): chunks of ``_CHUNK_ELEMS // V`` rows, the logits upcast to
-    fp32 (a few ``(C, V)`` fp32 temporaries, 16 MiB each), ``dW`` accumulated by an fp32 matmul.
+  - torch (CPU, fp64): chunks of ``_CHUNK_ELEMS // V`` rows, the logits upcast to fp32 (a few ``(C, V)`` fp32
+    temporaries, 16 MiB each), ``dW`` accumulated by an fp32 matmul.
   - triton (CUDA): chunks of at most ``_CHUNK_BYTES`` (256 MiB) of logits in the compute dtype, one buffer
     reused by every chunk; one kernel per chunk (``_flce_rows_kernel``, a program per row) reads the row twice
-    (online log-sum-exp in fp32, then the gradient) and writes ``d loss / d z`` in place over the logits, in
+    (online log-sum-exp and argmax in fp32, then the gradient) and writes ``d loss / d z`` in place over the logits, in
     the compute dtype; ``dW`` accumulates in fp32 (cuBLAS with an fp32 output where torch has it, else each
     chunk's product rounded once to the compute dtype and added in fp32). Memory beyond the inputs: the
     buffer, fp32 ``dW`` (V, D), ``dh`` (N, D), and on the fallback a product of at most 256 MiB. The logits
@@ -30,11 +33,12 @@ Two designs (``impl``), three paths:
     65504 overflows). Every step is a cuBLAS GEMM or a kernel without atomics, in a fixed chunk order:
     deterministic (cuBLAS under ``torch.use_deterministic_algorithms`` needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
     as every nn.Linear does). fp32 GEMMs follow torch's matmul precision (TF32 where torch allows it).
-- fused (``impl="fused"``, triton only), n target rows, three kernels, no N x V buffer and no atomics (so
-  deterministic); it recomputes the logits in each kernel (5 GEMM-equivalents, Triton tiles)::
+- triton (``impl="triton"``; ``"fused"`` is its deprecated name), the Triton kernels that never hold logits: n
+  target rows, three kernels, no N x V buffer and no atomics (so deterministic); it recomputes the logits in each
+  kernel (5 GEMM-equivalents, Triton tiles)::
 
-    forward   grid (n tiles, vocab splits)  each program: online log-sum-exp over its vocab tiles
-              -> (max, sum exp, sum s) partials per split, merged in torch; s[y] written by its one owner
+    forward   grid (n tiles, vocab splits)  each program: online log-sum-exp and argmax over its vocab tiles
+              -> (max, sum exp, sum s, argmax) partials per split, merged in torch; s[y] written by its one owner
     dhidden   grid (n tiles, vocab splits)  per vocab tile: recompute s, ds = dloss/ds, then
               partial[split, rows] += ds @ W[tile]   (a split's rows are its own; partials summed in torch)
     dweight   grid (vocab tiles, n splits)  per token tile: recompute s, ds, then
@@ -49,7 +53,10 @@ Two designs (``impl``), three paths:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -58,7 +65,8 @@ except ImportError:  # CPU-only installs: the torch path still works
     triton = None
 
 _BACKENDS = ("auto", "torch", "triton")
-IMPLS = ("auto", "chunked", "fused")  # fused_linear_cross_entropy's impl (and fused_loss_impl's choices)
+# fused_linear_cross_entropy's impl (and fused_loss_impl's choices); "fused": the old name of "triton"
+IMPLS = ("auto", "chunked", "triton", "fused")
 _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ELEMS = 1 << 22  # torch path: rows per chunk = this // V (16 MiB of fp32 logits)
 _CHUNK_BYTES = 1 << 28  # chunked triton path: its (rows, V) logits buffer, compute dtype, <= 256 MiB
@@ -82,7 +90,6 @@ _PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has at least this man
 _DEFAULT_SMS = 132  # H100 SXM: the grid plan when no CUDA device is present (interpreter, bench model)
 _DH_PARTIAL_BYTES = 1 << 28  # dhidden splits stop at 256 MiB of fp32 partials (1k tokens x 4096: 16 splits)
 
-# --------------------------------------------------------------------------------------------- triton
 
 if triton is not None:
 
@@ -149,18 +156,20 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows", "tiles_per_split"])
     def _flce_fwd_kernel(
-        H, W, B, ROWS, Y, PART, SY,
+        H, W, B, ROWS, Y, PART, ARG, SY,
         n_rows, V, D, stride_h, stride_w, tiles_per_split, softcap,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """PART (3, splits, n) fp32 <- per split: max, sum exp(s - max), sum s; SY (n,) fp32 <- s[y]."""
+        """PART (3, splits, n) fp32 <- per split: max, sum exp(s - max), sum s; ARG (splits, n) int32 <- the
+        split's first index of its max; SY (n,) fp32 <- s[y]."""
         split = tl.program_id(1).to(tl.int64)
         offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = offs < n_rows
         hrow = tl.load(ROWS + offs, mask=rmask, other=0).to(tl.int64) * stride_h
         y = tl.load(Y + offs, mask=rmask, other=-1)
         m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        arg = tl.zeros((BLOCK_N,), dtype=tl.int32)
         sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
         s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
         span = tiles_per_split.to(tl.int64) * BLOCK_V
@@ -177,11 +186,14 @@ if triton is not None:
             s_y = tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
             tl.store(SY + offs, s_y, mask=rmask & (y >= v0) & (y < v0 + BLOCK_V))  # one owner per row
             s = tl.where(cmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
+            tile_max, tile_arg = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            arg = tl.where(tile_max > m, (v0 + tile_arg).to(tl.int32), arg)  # a tie keeps the earlier tile's
+            m_new = tl.maximum(m, tile_max)
             sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m = m_new
         out = PART + split * n_rows + offs
         plane = tl.num_programs(1).to(tl.int64) * n_rows
+        tl.store(ARG + split * n_rows + offs, arg, mask=rmask)
         tl.store(out, m, mask=rmask)
         tl.store(out + plane, sumexp, mask=rmask)
         tl.store(out + 2 * plane, s_sum, mask=rmask)
@@ -272,20 +284,22 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows"])
     def _flce_rows_kernel(
-        Z, Y, WTS, GSCALE, LOSS, ZT,
+        Z, Y, WTS, GSCALE, LOSS, ZT, ARG,
         n_rows, V, stride_z, softcap, smoothing, z_coef,
         HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ):  # fmt: skip
         """One program per row of the logits chunk Z (n_rows, V) (compute dtype, bias included): LOSS, ZT
-        (n_rows,) fp32 <- WTS[row] * (ce + z-term), WTS[row] * z-term; with WRITE_GRAD, Z's row <- in place
+        (n_rows,) fp32 <- WTS[row] * (ce + z-term), WTS[row] * z-term; ARG (n_rows,) int32 <- the first index
+        of the row's max; with WRITE_GRAD, Z's row <- in place
         GSCALE[row] * ((1 + 2 z lse) softmax - (1 - eps) [j == y] - eps / V) * (1 - tanh^2 if softcap)."""
         row = tl.program_id(0)
         zrow = Z + row.to(tl.int64) * stride_z
         y = tl.load(Y + row)
         m = float("-inf")
+        arg = 0
         d = 0.0
         s_sum = 0.0
-        for v0 in range(0, V, BLOCK_V):  # online log-sum-exp over the vocabulary, fp32
+        for v0 in range(0, V, BLOCK_V):  # online log-sum-exp and argmax over the vocabulary, fp32
             cols = v0 + tl.arange(0, BLOCK_V)
             cmask = cols < V
             s = tl.load(zrow + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -293,9 +307,12 @@ if triton is not None:
                 s = softcap * _tanh(s / softcap)
             s_sum += tl.sum(tl.where(cmask, s, 0.0), axis=0)
             s = tl.where(cmask, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
+            block_max, block_arg = tl.max(s, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            arg = tl.where(block_max > m, v0 + block_arg, arg)  # a tie keeps the earlier block's
+            m_new = tl.maximum(m, block_max)
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
             m = m_new
+        tl.store(ARG + row, arg)
         lse = m + tl.log(d)
         s_y = tl.load(zrow + y).to(tl.float32)
         if HAS_SOFTCAP:
@@ -353,23 +370,26 @@ def _meta(hidden, bias, softcap, config):
 
 
 def _triton_forward(hidden, weight, bias, rows, y, softcap):
-    """``(lse, s_y, s_sum)``, each ``(n,)`` fp32 for the ``n`` target ``rows`` (int32) with targets ``y``."""
+    """``(lse, s_y, s_sum)``, each ``(n,)`` fp32, and ``argmax`` ``(n,)`` int32 (the first index of the max) for
+    the ``n`` target ``rows`` (int32) with targets ``y``."""
     n, (V, D) = rows.numel(), weight.shape
     cfg = _config(_FWD_CONFIG, hidden.dtype)
     n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     splits, per = _plan_splits(n_tiles, triton.cdiv(V, cfg["BLOCK_V"]), _sm_count(hidden.device))
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    part = torch.full((3, splits, n), float("nan"), **f32)
-    s_y = torch.full((n,), float("nan"), **f32)
+    part = torch.empty((3, splits, n), **f32)
+    arg = torch.empty((splits, n), device=hidden.device, dtype=torch.int32)
+    s_y = torch.empty((n,), **f32)
     dummy = bias if bias is not None else hidden  # never read when HAS_BIAS is False
     _flce_fwd_kernel[(n_tiles, splits)](
-        hidden, weight, dummy, rows, y, part, s_y,
+        hidden, weight, dummy, rows, y, part, arg, s_y,
         n, V, D, hidden.stride(0), weight.stride(0), per, float(softcap or 0.0),
         **_meta(hidden, bias, softcap, cfg),
     )  # fmt: skip
     m = part[0].amax(0)
     lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
-    return lse, s_y, part[2].sum(0)
+    first = (part[0] == m).to(torch.int32).argmax(0)  # the first split holding the max: the lowest index
+    return lse, s_y, part[2].sum(0), arg.gather(0, first[None]).squeeze(0)
 
 
 def _triton_backward(hidden, weight, bias, rows, y, scale, lse, softcap, smoothing, z_loss, filter_eps, need):
@@ -463,6 +483,7 @@ def _triton_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, 
     n, dev, dtype = rows.numel(), hidden.device, hidden.dtype
     f32 = dict(device=dev, dtype=torch.float32)
     loss, zterm = torch.zeros(N, **f32), torch.zeros(N, **f32)
+    hits = torch.zeros(N, device=dev, dtype=torch.bool)
     gh = torch.zeros(N, D, device=dev, dtype=dtype) if need[0] else None
     gw = torch.zeros(V, D, **f32) if need[1] else None  # frozen lm_head: no grad_weight at all
     gb = torch.zeros(V, **f32) if need[2] else None
@@ -470,6 +491,7 @@ def _triton_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, 
         y, wts = labels[rows].to(torch.int32), weights[rows].float()
         gscale = wts if scale is None else wts * scale[rows].float()
         loss_n, zt_n = torch.empty(n, **f32), torch.empty(n, **f32)
+        arg_n = torch.empty(n, device=dev, dtype=torch.int32)
         step = _chunk_rows(n, V, hidden.element_size())
         buf = torch.empty(step, V, device=dev, dtype=dtype)  # the only (rows, V) tensor: <= _CHUNK_BYTES
         opts = (float(softcap or 0.0), float(smoothing), float(z_loss))
@@ -480,7 +502,7 @@ def _triton_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, 
             torch.mm(h, weight.T, out=z) if bias is None else torch.addmm(bias, h, weight.T, out=z)
             _flce_rows_kernel[(end - start,)](
                 z, y[start:end], wts[start:end], gscale[start:end], loss_n[start:end], zt_n[start:end],
-                end - start, V, z.stride(0), *opts,
+                arg_n[start:end], end - start, V, z.stride(0), *opts,
                 HAS_SOFTCAP=softcap is not None, WRITE_GRAD=any(need), **_ROWS_CONFIG,
             )  # fmt: skip
             if gh is not None:  # z now holds d loss / d z
@@ -491,20 +513,20 @@ def _triton_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, 
                 gb += z.sum(0, dtype=torch.float32)
         loss.index_copy_(0, rows, loss_n)
         zterm.index_copy_(0, rows, zt_n)
+        hits.index_copy_(0, rows, arg_n == y)
     grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip((gh, gw, gb), (hidden, weight, bias)))
-    return loss, zterm, grads
-
-
-# ---------------------------------------------------------------------------------------------- torch
+    return loss, zterm, hits, grads
 
 
 def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, need):
-    """The chunked path: per-token loss and z-term ``(N,)``, and the gradients of ``sum_i scale[i] * loss_i``
-    (``scale`` defaults to 1) for the inputs flagged in ``need`` = (hidden, weight, bias); None for others."""
+    """The chunked path: per-token loss and z-term ``(N,)`` fp32, argmax hits ``(N,)`` bool (False where
+    ignored), and the gradients of ``sum_i scale[i] * loss_i`` (``scale`` defaults to 1) for the inputs flagged in
+    ``need`` = (hidden, weight, bias); None for others."""
     N, (V, D) = hidden.shape[0], weight.shape
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.zeros(N, device=hidden.device, dtype=acc_dtype)
     zterm = torch.zeros_like(loss)
+    hits = torch.zeros(N, device=hidden.device, dtype=torch.bool)
     gh = torch.zeros(N, D, device=hidden.device, dtype=acc_dtype) if need[0] else None
     gw = torch.zeros(V, D, device=weight.device, dtype=acc_dtype) if need[1] else None  # frozen lm_head: skip
     gb = torch.zeros(V, device=weight.device, dtype=acc_dtype) if need[2] else None
@@ -517,6 +539,7 @@ def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, s
             t = torch.tanh_(z.div_(softcap))  # in place: z is not needed again
             z = t * softcap
         y = labels[idx]
+        hits[idx] = z.argmax(1) == y
         lse = torch.logsumexp(z, dim=1)
         ce = lse - (1.0 - smoothing) * z.gather(1, y[:, None]).squeeze(1)
         if smoothing:
@@ -542,10 +565,7 @@ def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, s
         if gb is not None:
             gb += ds.sum(0)
     grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip((gh, gw, gb), (hidden, weight, bias)))
-    return loss.float(), zterm.float(), grads
-
-
-# ------------------------------------------------------------------------------------------- autograd
+    return loss.float(), zterm.float(), hits, grads
 
 
 def _reduce(per_token, reduction, count):
@@ -556,6 +576,8 @@ def _reduce(per_token, reduction, count):
 
 
 class _ChunkedFLCE(torch.autograd.Function):
+    """impl="chunked": logits of a chunk of target rows at a time, gradients computed in the forward pass."""
+
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss, reduction, need, chunks
@@ -563,13 +585,14 @@ class _ChunkedFLCE(torch.autograd.Function):
         # need: which of (hidden, weight, bias) get gradients (none under no_grad: inference costs one matmul)
         # chunks: the row step, _torch_chunks or _triton_chunks
         opts = (softcap, smoothing, z_loss, need)
-        loss, zterm, grads = chunks(hidden, weight, bias, labels, rows, weights, None, *opts)
+        loss, zterm, hits, grads = chunks(hidden, weight, bias, labels, rows, weights, None, *opts)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, weights, *grads)
         ctx.cfg = (opts, reduction, rows.numel(), chunks)
-        return _reduce(loss, reduction, rows.numel()), _reduce(zterm, reduction, rows.numel())
+        ctx.mark_non_differentiable(hits)
+        return _reduce(loss, reduction, rows.numel()), _reduce(zterm, reduction, rows.numel()), hits
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_z):
+    def backward(ctx, grad_loss, _grad_z, _grad_hits):
         hidden, weight, bias, labels, rows, weights, gh, gw, gb = ctx.saved_tensors
         opts, reduction, count, chunks = ctx.cfg
         if reduction == "mean":
@@ -577,33 +600,38 @@ class _ChunkedFLCE(torch.autograd.Function):
         if reduction == "none":
             g = grad_loss[rows]
             if g.numel() and not bool((g == g[0]).all()):  # per-token scales: recompute with them
-                grads = chunks(hidden, weight, bias, labels, rows, weights, grad_loss, *opts)[2]
+                grads = chunks(hidden, weight, bias, labels, rows, weights, grad_loss, *opts)[3]
                 return *grads, *([None] * 9)
             grad_loss = g[0] if g.numel() else grad_loss.new_zeros(())
         grads = [None if x is None else x * grad_loss.to(x.dtype) for x in (gh, gw, gb)]
         return *grads, *([None] * 9)
 
 
-class _TritonFLCE(torch.autograd.Function):
+class _NoLogitsFLCE(torch.autograd.Function):
+    """impl="triton": the Triton kernels that recompute the logits tile by tile and never hold them."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, y, wts, softcap, smoothing, z_loss, reduction, filter_eps):
         # rows, y: (n,) int32 target rows of hidden and their targets; wts: (n,) fp32 their loss weights
         N, V, n = hidden.shape[0], weight.shape[0], rows.numel()
         loss = torch.zeros(N, device=hidden.device, dtype=torch.float32)
         zterm = torch.zeros_like(loss)
-        lse = loss.new_empty(0)
+        hits = torch.zeros(N, device=hidden.device, dtype=torch.bool)
+        lse = loss.new_zeros(0)
         if n:
-            lse, s_y, s_sum = _triton_forward(hidden, weight, bias, rows, y, softcap)
+            lse, s_y, s_sum, argmax = _triton_forward(hidden, weight, bias, rows, y, softcap)
             zt = z_loss * lse * lse
             ce = lse - (1.0 - smoothing) * s_y - smoothing / V * s_sum
             loss.index_copy_(0, rows.long(), wts * (ce + zt))
             zterm.index_copy_(0, rows.long(), wts * zt)
+            hits.index_copy_(0, rows.long(), argmax == y)
         ctx.save_for_backward(hidden, weight, bias, rows, y, wts, lse)
         ctx.cfg = (softcap, smoothing, z_loss, reduction, filter_eps)
-        return _reduce(loss, reduction, n), _reduce(zterm, reduction, n)
+        ctx.mark_non_differentiable(hits)
+        return _reduce(loss, reduction, n), _reduce(zterm, reduction, n), hits
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_z):
+    def backward(ctx, grad_loss, _grad_z, _grad_hits):
         hidden, weight, bias, rows, y, wts, lse = ctx.saved_tensors
         softcap, smoothing, z_loss, reduction, filter_eps = ctx.cfg
         n, need = rows.numel(), tuple(ctx.needs_input_grad[:3])
@@ -627,9 +655,6 @@ class _TritonFLCE(torch.autograd.Function):
             else:
                 out.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
         return *out, *([None] * 8)
-
-
-# --------------------------------------------------------------------------------------------- public
 
 
 def _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoothing, z_loss, backend, impl):
@@ -708,8 +733,9 @@ def fused_linear_cross_entropy(
     backend: str = "auto",
     impl: str = "auto",
     return_z_loss: bool = False,
+    return_hits: bool = False,
     filter_eps: float | str | None = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels`` without the ``(N, V)`` logits.
 
     Args:
@@ -729,20 +755,24 @@ def fused_linear_cross_entropy(
             in the compute dtype, at most 256 MiB at once (``_CHUNK_BYTES``; 16 MiB of fp32 on the torch
             backend), gradients by matmuls too (3 GEMMs over the target rows); the row step (log-sum-exp, loss,
             gradient written over the logits) is one Triton kernel per chunk on the triton backend, torch ops
-            on the torch backend. ``"fused"``: the triton backend's no-logits kernels (nothing of size
-            ``(rows, V)``, 5 GEMM-equivalents in Triton tiles; 3.3x / 4.7x slower than chunked on an H200 at
-            V=128k, 1k / 16k targets).
+            on the torch backend. ``"triton"``: the triton backend's kernels that never hold logits (nothing of
+            size ``(rows, V)``, 5 GEMM-equivalents in Triton tiles; 3.3x / 4.7x slower than chunked on an H200
+            at V=128k, 1k / 16k targets); ``"fused"`` is its deprecated name.
             ``"auto"``: chunked (on CUDA, and on CPU where the torch backend is chunked anyway).
         return_z_loss: also return the z-loss part of the loss (same reduction, detached) for logging.
-        filter_eps: impl="fused" backward only (the chunked paths are exact): skip a tile of the logits'
+        return_hits: also return ``hits`` ``(N,)`` bool, whatever the reduction: ``argmax_j s_j == labels[i]``
+            (the first index wins a tie; False at ignored tokens), from the logits as this path computes them
+            (chunked: rounded to the compute dtype; triton: fp32). No gradient, no extra pass over the logits.
+        filter_eps: impl="triton" backward only (the chunked paths are exact): skip a tile of the logits'
             gradient whose ``(1 + 2 z_loss lse) * softmax`` is below this everywhere and that holds no target
             (Cut Cross-Entropy's gradient filtering). ``"auto"``: ``finfo(hidden.dtype).eps / 32``, each skipped
             term below the gradient's resolution; ``None`` or ``0``: keep every tile. Off when both softcap
             and label_smoothing are set.
 
     Returns:
-        The loss (including the z-loss term), or ``(loss, z_term)`` when ``return_z_loss``. Differentiable
-        with respect to ``hidden``, ``weight`` and ``bias``.
+        The loss (including the z-loss term), then ``z_term`` when ``return_z_loss``, then ``hits`` when
+        ``return_hits``: ``loss``, ``(loss, z_term)``, ``(loss, hits)`` or ``(loss, z_term, hits)``.
+        Differentiable with respect to ``hidden``, ``weight`` and ``bias``.
     """
     _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoothing, z_loss, backend, impl)
     if not (
@@ -753,11 +783,19 @@ def fused_linear_cross_entropy(
         raise ValueError(f"filter_eps must be 'auto', None or a float >= 0; got {filter_eps!r}")
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and triton is not None else "torch"
+    if impl == "fused":
+        warnings.warn(
+            "fused_linear_cross_entropy(impl='fused') is now impl='triton' (the Triton kernels that never hold "
+            "logits); 'fused' will be removed",
+            FutureWarning,  # shown to users by default, once per calling line
+            stacklevel=2,
+        )
+        impl = "triton"
     if impl == "auto":
-        impl = "chunked"  # cuBLAS GEMMs: 5x the fused kernels' speed on an H200 (bench/gpu, V=128k, bf16)
-    if impl == "fused" and backend != "triton":
+        impl = "chunked"  # cuBLAS GEMMs: faster than the Triton kernels (see impl above)
+    if impl == "triton" and backend != "triton":
         raise ValueError(
-            f"impl='fused' runs the Triton kernels, but the backend is torch ({hidden.device.type} tensors): "
+            f"impl='triton' runs the Triton kernels, but the backend is torch ({hidden.device.type} tensors): "
             "use impl='chunked' (or 'auto'), or CUDA tensors / backend='triton'"
         )
     if backend == "triton":
@@ -775,21 +813,67 @@ def fused_linear_cross_entropy(
     rows = valid.nonzero().squeeze(1)  # (n_targets,) int64: ignored tokens cost nothing
     labels = labels.long()
     opts = (softcap, float(label_smoothing), float(z_loss), reduction)
-    if impl == "fused":
+    if impl == "triton":
         if filter_eps == "auto":
             filter_eps = torch.finfo(hidden.dtype).eps / 32
         y, wts = labels[rows].to(torch.int32), weights[rows].float()
-        loss, zterm = _TritonFLCE.apply(hidden, weight, bias, rows.to(torch.int32), y, wts, *opts, filter_eps)
+        loss, zterm, hits = _NoLogitsFLCE.apply(
+            hidden, weight, bias, rows.to(torch.int32), y, wts, *opts, filter_eps
+        )
     else:
         need = tuple(
             torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)
         )
         chunks = _triton_chunks if backend == "triton" else _torch_chunks
-        loss, zterm = _ChunkedFLCE.apply(hidden, weight, bias, labels, rows, weights, *opts, need, chunks)
-    return (loss, zterm.detach()) if return_z_loss else loss
+        loss, zterm, hits = _ChunkedFLCE.apply(
+            hidden, weight, bias, labels, rows, weights, *opts, need, chunks
+        )
+    out = (loss,) + ((zterm.detach(),) if return_z_loss else ()) + ((hits,) if return_hits else ())
+    return out if len(out) > 1 else loss
 
 
-# ------------------------------------------------------------------------------------------------ AOT
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    weights: torch.Tensor | None = None,
+    return_z_loss: bool = False,
+    return_hits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """:func:`fused_linear_cross_entropy` on materialised ``(N, V)`` logits, in plain torch ops (autograd
+    gives its gradients): the reference of the tests and of ``bench/gpu``. Same arguments, outputs and
+    definitions (see the module docstring); the logits are ``F.linear`` in the inputs' dtype (upcast to fp32
+    from fp16 / bf16), so pass float64 inputs for an exact reference. Memory: the full logits, a few times.
+    """
+    _check(
+        hidden, weight, labels, bias, weights, reduction, softcap, label_smoothing, z_loss, "torch", "chunked"
+    )
+    logits = F.linear(hidden, weight, bias)  # (N, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = labels != ignore_index
+    ce = F.cross_entropy(
+        logits, labels.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    zterm = z_loss * torch.logsumexp(logits, dim=1) ** 2 * valid
+    per = ce + zterm
+    if weights is not None:
+        per, zterm = per * weights.to(per.dtype), zterm * weights.to(per.dtype)
+    if reduction != "none":
+        count = max(int(valid.sum()), 1) if reduction == "mean" else 1
+        per, zterm = per.sum() / count, zterm.sum() / count
+    hits = (logits.detach().argmax(1) == labels) & valid  # the first index wins a tie
+    out = (per,) + ((zterm.detach(),) if return_z_loss else ()) + ((hits,) if return_hits else ())
+    return out if len(out) > 1 else per
 
 
 def aot_specs() -> list:
@@ -823,7 +907,7 @@ def aot_specs() -> list:
                     signature[arg] = "constexpr"
                 elif arg in ("H", "W", "B"):
                     signature[arg] = "*" + dtype
-                elif arg in ("ROWS", "Y"):
+                elif arg in ("ROWS", "Y", "ARG"):
                     signature[arg] = "*i32"
                 elif arg in ints:
                     signature[arg] = "i32"
@@ -857,7 +941,7 @@ def aot_specs() -> list:
                 signature[arg] = "constexpr"
             elif arg == "Z":
                 signature[arg] = "*" + dtype
-            elif arg == "Y":
+            elif arg in ("Y", "ARG"):
                 signature[arg] = "*i32"
             elif arg in ("n_rows", "V", "stride_z"):
                 signature[arg] = "i32"

@@ -35,7 +35,8 @@ advances on every draw and under CUDA-graph capture is read from device memory a
 dropout and Inductor's ``inductor_seeds`` do), so graph replays and ``torch.compile`` draw fresh masks;
 ``torch.manual_seed`` makes it reproducible. An ``int`` seed gives the same mask on every call.
 
-:func:`dropout_keep_mask` materialises the mask a path would use, for tests only.
+:func:`dropout_keep_mask` materialises the mask a path would use, for tests only, and
+:func:`lora_linear_reference` is the formula in plain torch ops: the reference of the tests and of ``bench/gpu``.
 """
 
 from __future__ import annotations
@@ -437,6 +438,31 @@ def lora_linear(
             x2, weight, lora_a, lora_b, bias, float(scaling), p, _seed_int(seed) if p > 0 else 0
         )
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    *,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x W^T + bias + scaling * ((x * keep / (1 - p)) A^T) B^T`` in plain torch ops (autograd gives its gradients).
+
+    Shapes as :func:`lora_linear`'s; ``keep``: the ``(T, in)`` bool mask of :func:`dropout_keep_mask` for the seed
+    the kernel ran with (required when ``dropout_p > 0``). Computes in the inputs' dtype: pass float64 for an exact
+    reference.
+    """
+    if dropout_p > 0 and keep is None:
+        raise ValueError(
+            f"dropout_p={dropout_p} needs keep: the mask of dropout_keep_mask((T, in), p, seed) for the kernel's seed"
+        )
+    dropped = x if keep is None else x * keep.reshape(x.shape).to(x.dtype) / (1 - dropout_p)
+    return torch.nn.functional.linear(x, weight, bias) + scaling * (dropped @ lora_a.T) @ lora_b.T
 
 
 def dropout_keep_mask(

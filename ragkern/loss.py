@@ -70,31 +70,6 @@ def _lm_head_params(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return weight, bias
 
 
-# Rows of target hidden states projected at once when the fused path computes argmax hits.
-HIT_CHUNK = 4096
-
-
-@torch.no_grad()
-def _argmax_hits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
-) -> torch.Tensor:
-    """``(B, T)`` bool: ``argmax(lm_head(hidden)) == targets`` at target positions (False elsewhere).
-
-    Only the target rows of ``hidden`` ``(B, T, H)`` go through the lm_head ``weight`` ``(V, H)``, in chunks of
-    ``HIT_CHUNK`` rows: RAFT targets are the answer tokens, a small part of the row. Softcapping is monotone,
-    so it does not change the argmax. ``weight`` and ``bias`` ``(V,)`` are cast to ``hidden``'s dtype.
-    """
-    mask = targets != IGNORE_INDEX
-    hits = torch.zeros_like(mask)
-    rows = hidden[mask]  # (n, H)
-    if rows.shape[0]:
-        w = weight.detach().to(hidden.dtype)
-        b = None if bias is None else bias.detach().to(hidden.dtype)
-        pred = torch.cat([F.linear(c, w, b).argmax(-1) for c in rows.split(HIT_CHUNK)])
-        hits[mask] = pred == targets[mask]
-    return hits
-
-
 def _fused_token_loss(
     model: torch.nn.Module,
     model_inputs: dict,
@@ -104,7 +79,8 @@ def _fused_token_loss(
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, T)`` fp32 loss at each position against ``targets`` (0 where ignored), without the logits, and
-    (``with_hits``) the ``(B, T)`` argmax hits of :func:`_argmax_hits`, else None.
+    (``with_hits``) the ``(B, T)`` bool ``argmax(logits) == targets`` (False where ignored), else None: the loss
+    kernel takes the argmax where it visits every logit anyway, so hits cost no second lm_head pass.
 
     The model runs through its own (possibly wrapped) forward with ``logits_to_keep`` selecting no position,
     so the lm_head sees an empty input; the final hidden states come back in ``hidden_states[-1]``. The lm_head
@@ -126,7 +102,7 @@ def _fused_token_loss(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    per_pos = fused_linear_cross_entropy(
+    out = fused_linear_cross_entropy(
         hidden.flatten(0, 1),
         weight,
         targets.flatten(),
@@ -136,9 +112,10 @@ def _fused_token_loss(
         softcap=softcap or None,
         label_smoothing=label_smoothing,
         impl=impl,
+        return_hits=with_hits,
     )
-    hits = _argmax_hits(hidden, weight, bias, targets) if with_hits else None
-    return per_pos.view_as(targets), hits
+    per_pos, hits = out if with_hits else (out, None)
+    return per_pos.view_as(targets), None if hits is None else hits.view_as(targets)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -191,11 +168,10 @@ def causal_lm_loss(
     for Llama-, Mistral-, Qwen2/3- and Gemma-family models, peft-wrapped or not. Anything it cannot
     reproduce exactly falls back to the plain path, which materialises the logits, with a one-time log line.
     ``impl`` is the fused loss's design (``fused_linear_cross_entropy``'s ``impl``): ``"chunked"`` (cuBLAS
-    logits of at most 256 MiB of target rows at a time), ``"fused"`` (Triton kernels that never hold logits;
-    CUDA only) or ``"auto"`` (chunked).
-    The fused path never holds the logits, so its ``hits`` come from projecting the target positions' hidden
-    states only through the lm_head (no grad, in chunks): cheap when targets are few (RAFT answers), one
-    extra lm_head forward when every token is a target (DAP).
+    logits of at most 256 MiB of target rows at a time), ``"triton"`` (Triton kernels that never hold logits;
+    CUDA only; ``"fused"`` is its deprecated name) or ``"auto"`` (chunked).
+    On the fused path ``hits`` come from the loss kernel itself (the argmax taken where the log-sum-exp visits
+    every logit; the first index wins a tie, as ``torch.argmax`` on the plain path's logits).
 
     ``label_smoothing`` is ``F.cross_entropy``'s (and ``Trainer``'s ``label_smoothing_factor``): each target's
     loss is ``(1 - eps) * nll + eps * mean over the vocabulary of -log p``, on both paths.

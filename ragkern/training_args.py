@@ -55,8 +55,8 @@ class RagTrainingArguments(TrainingArguments):
         default="auto",
         metadata={
             "help": "Design of the fused loss: 'chunked' (logits of <= 256 MiB of target rows at a time on cuBLAS, "
-            "one Triton kernel per chunk for the softmax and its gradient), 'fused' (Triton kernels that never "
-            "hold logits, 3-5x slower on an H200; CUDA only) or 'auto' (chunked).",
+            "one Triton kernel per chunk for the softmax and its gradient), 'triton' (Triton kernels that never "
+            "hold logits; CUDA only; 'fused' is its deprecated name) or 'auto' (chunked).",
             "choices": list(FUSED_LOSS_IMPLS),
         },
     )
@@ -88,7 +88,7 @@ class RagTrainingArguments(TrainingArguments):
         default=True,
         metadata={
             "help": "Log mean_token_accuracy (argmax prediction == label over the target tokens) in training and "
-            "evaluation. With the fused loss it costs one no-grad lm_head pass over the target tokens only."
+            "evaluation. The fused loss takes the argmax inside its kernel: no extra lm_head pass."
         },
     )
     model_init_kwargs: dict | str | None = field(
@@ -122,7 +122,7 @@ class RagTrainingArguments(TrainingArguments):
         if self.fused_loss_impl not in FUSED_LOSS_IMPLS:
             raise ValueError(
                 f"fused_loss_impl={self.fused_loss_impl!r} is not one of {FUSED_LOSS_IMPLS}: 'chunked' (cuBLAS "
-                "logits per chunk of target rows), 'fused' (no-logits Triton kernels) or 'auto'"
+                "logits per chunk of target rows), 'triton' (no-logits Triton kernels; 'fused' is its old name) or 'auto'"
             )
         self.model_init_kwargs = _parse_json_option(
             "model_init_kwargs", self.model_init_kwargs, "a JSON object", '{"dtype": "bfloat16"}'

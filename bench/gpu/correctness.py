@@ -1,5 +1,6 @@
-"""Correctness on the device: each kernel (fp32, fp16, bf16) against a float64 reference on fresh random
-inputs with odd sizes, outputs NaN-poisoned; then the packing invariants through a RagTrainer step in bf16
+"""Correctness on the device: each kernel (fp32, fp16, bf16) against its reference in the package
+(``varlen_attention_reference``, ``fused_linear_cross_entropy_reference``, ``lora_linear_reference``) run in
+float64, on fresh random inputs with odd sizes, outputs NaN-poisoned; then the packing invariants through a RagTrainer step in bf16
 autocast.
 
 Error norms (see ``harness.compare``): ``rel_err = ||out - ref|| / ||ref||`` within TOL[dtype], the worst row
@@ -15,7 +16,6 @@ import math
 import tempfile
 
 import torch
-import torch.nn.functional as F
 
 from .harness import DTYPES, Ctx, compare, fresh_seed, interpreting, nan_poisoned_empty
 
@@ -84,22 +84,15 @@ def attention_case(ctx: Ctx, dtype: str, head_dim: int, blocks: bool, causal: bo
 # ----------------------------------------------------------------------------------------------- FLCE
 
 
-def _flce_reference(h, w, y, b, *, softcap, smoothing, z_loss, weights, reduction):
-    """Materialised float64 logits, every option written out."""
-    z = h @ w.T + (b if b is not None else 0)
-    s = softcap * torch.tanh(z / softcap) if softcap else z
-    valid = y != -100
-    ce = F.cross_entropy(s, y, ignore_index=-100, reduction="none", label_smoothing=smoothing)
-    per = (ce + z_loss * torch.logsumexp(s, dim=1) ** 2 * valid) * (weights if weights is not None else 1)
-    return per if reduction == "none" else per.sum() / max(int(valid.sum()), 1)
-
-
 def flce_case(ctx: Ctx, dtype: str, variant: str, impl: str = "chunked") -> dict:
     """``variant``: "plain" (mean loss) or "all" (bias, softcap, label smoothing, z-loss, token weights,
     ``reduction="none"`` with a random upstream gradient); ``impl``: "chunked" (cuBLAS GEMMs and the row
-    kernel, in chunks that do not divide the target rows at full size) or "fused" (the no-logits kernels)."""
+    kernel, in chunks that do not divide the target rows at full size) or "triton" (the no-logits kernels).
+    The argmax hits are checked too: equal to the float64 reference's on every row whose two best logits are
+    further apart than the dtype's logit error."""
     from ragkern.kernels import cross_entropy as ce_mod
     from ragkern.kernels import fused_linear_cross_entropy
+    from ragkern.kernels.cross_entropy import fused_linear_cross_entropy_reference
 
     N, H, V = (37, 24, 67) if ctx.dry else (1031, 264, 5003)
     seed = fresh_seed()
@@ -118,6 +111,8 @@ def flce_case(ctx: Ctx, dtype: str, variant: str, impl: str = "chunked") -> dict
     weights = (torch.rand(N, generator=g) + 0.5).to(dev) if full else None
     reduction = "none" if full else "mean"
     up = torch.rand(N, generator=g).to(dev) if full else None
+    rows = (y != -100).nonzero().squeeze(1)[::3]  # a third of the targets: the argmax, so hits show both ways
+    y[rows] = (h[rows].double() @ w.double().T + (b.double() if full else 0.0)).argmax(1)
 
     def grads(loss, leaves):
         (loss * up).sum().backward() if up is not None else loss.backward()
@@ -128,22 +123,39 @@ def flce_case(ctx: Ctx, dtype: str, variant: str, impl: str = "chunked") -> dict
     ce_mod._CHUNK_BYTES = (10 if ctx.dry else 300) * V * h.element_size()  # chunks of 10 / 256 target rows
     try:
         with nan_poisoned_empty():
-            loss = fused_linear_cross_entropy(leaves[0], leaves[1], y, bias=leaves[2] if full else None,
-                                              weights=weights, reduction=reduction, backend="triton", impl=impl,
-                                              **opts)  # fmt: skip
+            loss, hits = fused_linear_cross_entropy(leaves[0], leaves[1], y, bias=leaves[2] if full else None,
+                                                    weights=weights, reduction=reduction, backend="triton",
+                                                    impl=impl, return_hits=True, **opts)  # fmt: skip
             outs = {"loss": loss.detach(), **grads(loss, leaves)}
     finally:
         ce_mod._CHUNK_BYTES = chunk_bytes
     if ctx.warm:
         return {}
     ref_leaves = [t.detach().double().requires_grad_() for t in (h, w, b) if t is not None]
-    ref = _flce_reference(*ref_leaves[:2], y, ref_leaves[2] if full else None, softcap=opts["softcap"],
-                          smoothing=opts["label_smoothing"], z_loss=opts["z_loss"],
-                          weights=weights.double() if full else None, reduction=reduction)  # fmt: skip
+    ref, ref_hits = fused_linear_cross_entropy_reference(
+        *ref_leaves[:2], y, bias=ref_leaves[2] if full else None, weights=weights.double() if full else None,
+        reduction=reduction, return_hits=True, **opts,
+    )  # fmt: skip
     refs = {"loss": ref.detach(), **grads(ref, ref_leaves)}
     ok, metrics = compare(outs, refs, TOL["flce"][dtype])
+    hit_check = _hits_check(hits, ref_hits, ref_leaves, y, opts["softcap"], TOL["flce"][dtype])
+    ok = ok and hit_check["mismatched"] == 0
     return {"status": "ok" if ok else "failed", "seed": seed, "shape": {"N": N, "H": H, "V": V},
-            "targets": int((y != -100).sum()), "tolerance": TOL["flce"][dtype], "metrics": metrics}  # fmt: skip
+            "targets": int((y != -100).sum()), "tolerance": TOL["flce"][dtype], "metrics": metrics,
+            "hits": hit_check}  # fmt: skip
+
+
+def _hits_check(hits, ref_hits, ref_leaves, y, softcap, tol) -> dict:
+    """Argmax hits against the float64 reference's, on the target rows whose two best logits differ by more than
+    ``tol`` relative to the best (closer ones may rank either way in the kernel's dtype)."""
+    h, w, *b = (t.detach() for t in ref_leaves)
+    z = h @ w.T + (b[0] if b else 0.0)
+    z = softcap * torch.tanh(z / softcap) if softcap else z
+    top = z.topk(2, dim=1).values
+    clear = ((top[:, 0] - top[:, 1]) > tol * (1 + top[:, 0].abs())) & (y != -100)
+    ignored_hits = int(hits[y == -100].sum())
+    mismatched = int((hits.cpu() != ref_hits.cpu())[clear.cpu()].sum()) + ignored_hits
+    return {"compared": int(clear.sum()), "mismatched": mismatched, "reference_hits": int(ref_hits.sum())}
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
@@ -151,7 +163,7 @@ def flce_case(ctx: Ctx, dtype: str, variant: str, impl: str = "chunked") -> dict
 
 def lora_case(ctx: Ctx, dtype: str, dropout: float, rank: int = 16) -> dict:
     from ragkern.kernels import lora_linear
-    from ragkern.kernels.lora import dropout_keep_mask
+    from ragkern.kernels.lora import dropout_keep_mask, lora_linear_reference
 
     T, K, N = (37, 40, 24) if ctx.dry else (1031, 520, 392)
     r = min(rank, 4) if ctx.dry else rank
@@ -182,15 +194,12 @@ def lora_case(ctx: Ctx, dtype: str, dropout: float, rank: int = 16) -> dict:
         outs = run(kernel, (x, w, bias, a, b))
     if ctx.warm:
         return {}
-    keep = None
-    if dropout > 0:
-        keep = dropout_keep_mask((T, K), dropout, drop_seed, device=dev, backend="triton").double() / (
-            1 - dropout
-        )
+    keep = (
+        dropout_keep_mask((T, K), dropout, drop_seed, device=dev, backend="triton") if dropout > 0 else None
+    )
 
     def reference(xx, ww, aa, bb, bi):
-        dropped = xx * keep if keep is not None else xx
-        return xx @ ww.T + bi + scaling * (dropped @ aa.T) @ bb.T
+        return lora_linear_reference(xx, ww, aa, bb, scaling, bias=bi, dropout_p=dropout, keep=keep)
 
     refs = run(reference, [t.double() for t in (x, w, bias, a, b)])
     ok, metrics = compare(outs, refs, TOL["lora"][dtype])
@@ -361,7 +370,7 @@ def plan(ctx: Ctx) -> list[tuple[str, object, dict, bool]]:
         if not ctx.quick and dtype == ("fp32" if ctx.dry else "bf16"):
             cases.append((f"attention {dtype} D={dims[-1] if ctx.dry else 128} non-causal", attention_case,
                           dict(dtype=dtype, head_dim=dims[-1] if ctx.dry else 128, blocks=False, causal=False), True))  # fmt: skip
-        for impl in ("chunked", "fused"):
+        for impl in ("chunked", "triton"):
             for variant in ("plain", "all"):
                 cases.append((f"flce {impl} {dtype} {variant}", flce_case,
                               dict(dtype=dtype, variant=variant, impl=impl), True))  # fmt: skip

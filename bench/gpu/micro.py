@@ -318,10 +318,10 @@ def flce_bench(ctx: Ctx, targets: int) -> dict:
         "ragkern": impl(lambda h, w: fused_linear_cross_entropy(h, w, y, backend=backend, impl="chunked"),
                         ours=True, note="impl='chunked' (the default): cuBLAS GEMMs over the target rows in chunks "
                         "of <= 256 MiB of logits, one Triton row kernel per chunk"),
-        "ragkern_fused": impl(lambda h, w: fused_linear_cross_entropy(h, w, y, backend="triton", impl="fused"),
-                              ours=True, note="impl='fused': the no-logits Triton kernels",
-                              skip=None if ctx.cuda else "needs CUDA (the interpreter computes bf16 dots wrongly; "
-                              "correctness checks impl='fused' in fp32 / fp16)"),
+        "ragkern_triton": impl(lambda h, w: fused_linear_cross_entropy(h, w, y, backend="triton", impl="triton"),
+                               ours=True, note="impl='triton': the Triton kernels that never hold logits",
+                               skip=None if ctx.cuda else "needs CUDA (the interpreter computes bf16 dots wrongly; "
+                               "correctness checks impl='triton' in fp32 / fp16)"),
     }  # fmt: skip
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss

@@ -55,7 +55,7 @@ def test_dry_run_checks_pass(dry_run):
     for part in ("attention", "flce", "lora"):
         for name, case in record["parts"][part]["cases"].items():
             ours = [r for r in case["impls"].values() if r["ours"]]
-            # the first is the one reported; a second variant may need CUDA (flce's impl="fused" in bf16)
+            # the first is the one reported; a second variant may need CUDA (flce's impl="triton" in bf16)
             assert ours and ours[0]["status"] == "ok", (name, case)
             assert all(r["status"] == "ok" or "needs CUDA" in r.get("reason", "") for r in ours), (name, case)
             assert case.get("best_peer") and not case["peers_disagreeing"], (name, case)

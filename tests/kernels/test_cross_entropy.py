@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from ragkern.kernels import cross_entropy as ce_mod
 from ragkern.kernels import fused_linear_cross_entropy
+from ragkern.kernels.cross_entropy import fused_linear_cross_entropy_reference
 
 IGNORE = -100
 
@@ -24,28 +25,31 @@ def make_inputs(N, H, V, *, dtype=torch.float32, bias=False, ignore_frac=0.25, w
     return hidden, weight, b, labels, w
 
 
-def reference(hidden, weight, labels, *, bias=None, reduction="mean", softcap=None, label_smoothing=0.0,
-              z_loss=0.0, weights=None):  # fmt: skip
-    """Materialised logits in float64; same definition of every option as the fused loss."""
-    logits = hidden.double() @ weight.double().T
-    if bias is not None:
-        logits = logits + bias.double()
+def reference(hidden, weight, labels, **opts):
+    """The package's reference in float64 (it takes the inputs' dtype): ``(loss, z_term, hits)``."""
+    double = [None if t is None else t.double() for t in (hidden, weight, opts.pop("bias", None))]
+    w = opts.pop("weights", None)
+    return fused_linear_cross_entropy_reference(
+        double[0], double[1], labels, bias=double[2], weights=None if w is None else w.double(),
+        return_z_loss=True, return_hits=True, **opts,
+    )  # fmt: skip
+
+
+# Logit error of each input dtype's path, relative to the largest logit: rows whose two best logits are closer than
+# this may rank them either way, so their argmax is not compared (exact ties: test_hits_break_ties_at_the_first_index)
+HIT_TIE_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_hits_match(hits, ref_hits, hidden, weight, b, labels, softcap=None):
+    """``hits`` equal the float64 reference's on every target row without a near-tie, and are False where ignored."""
+    z = hidden.detach().double() @ weight.detach().double().T + (0.0 if b is None else b.detach().double())
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    valid = labels != IGNORE
-    per = F.cross_entropy(
-        logits, labels, ignore_index=IGNORE, reduction="none", label_smoothing=label_smoothing
-    )
-    zterm = z_loss * torch.logsumexp(logits, dim=1) ** 2 * valid
-    per = per + zterm
-    if weights is not None:
-        per, zterm = per * weights.double(), zterm * weights.double()
-    if reduction == "none":
-        return per, zterm
-    if reduction == "sum":
-        return per.sum(), zterm.sum()
-    n = max(int(valid.sum()), 1)
-    return per.sum() / n, zterm.sum() / n
+        z = softcap * torch.tanh(z / softcap)
+    top = z.topk(2, dim=1).values
+    clear = (top[:, 0] - top[:, 1]) > HIT_TIE_TOL[hidden.dtype] * (1 + top[:, 0].abs())
+    assert hits.dtype == torch.bool and hits.shape == labels.shape and not hits.requires_grad
+    assert not hits[labels == IGNORE].any()
+    assert torch.equal(hits[clear], ref_hits[clear]), (hits ^ ref_hits).nonzero().squeeze(1).tolist()
 
 
 def check(N, H, V, *, backend, dtype=torch.float32, bias=False, ignore_frac=0.25, weights=False, seed=0,
@@ -56,18 +60,19 @@ def check(N, H, V, *, backend, dtype=torch.float32, bias=False, ignore_frac=0.25
 
 def check_tensors(hidden, weight, b, labels, w, *, backend, impl=None, seed=0, atol=1e-5, rtol=1e-4,
                   grad_out="random", filter_eps="auto", **opts):  # fmt: skip
-    """Loss, z-term and every gradient against :func:`reference` in float64; returns the max abs errors.
-    ``impl``: default "fused" on the triton backend (the no-logits kernels), "chunked" on torch."""
+    """Loss, z-term, argmax hits and every gradient against :func:`reference` in float64; returns the max abs
+    errors. ``impl``: default "triton" on the triton backend (the no-logits kernels), "chunked" on torch."""
     dtype = hidden.dtype
-    impl = impl or ("fused" if backend == "triton" else "chunked")
+    impl = impl or ("triton" if backend == "triton" else "chunked")
     leaves = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
-    loss, zterm = fused_linear_cross_entropy(
+    loss, zterm, hits = fused_linear_cross_entropy(
         hidden, weight, labels, bias=b, weights=w, backend=backend, impl=impl, return_z_loss=True,
-        filter_eps=filter_eps, **opts,
+        return_hits=True, filter_eps=filter_eps, **opts,
     )  # fmt: skip
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rh, rw, rb = ref_leaves + [None] * (3 - len(ref_leaves))
-    ref, ref_z = reference(rh, rw, labels, bias=rb, weights=w, **opts)
+    ref, ref_z, ref_hits = reference(rh, rw, labels, bias=rb, weights=w, **opts)
+    assert_hits_match(hits, ref_hits, hidden, weight, b, labels, opts.get("softcap"))
     assert loss.dtype == torch.float32 and loss.shape == ref.shape
     assert torch.isfinite(loss).all()
     torch.testing.assert_close(loss.double(), ref.detach(), atol=atol, rtol=rtol)
@@ -151,7 +156,7 @@ def test_torch_float64_and_int32_labels():
 
 @pytest.mark.parametrize(
     "backend, impl, reduction",
-    [("torch", "chunked", "mean"), ("torch", "chunked", "none"), ("triton", "fused", "none"),
+    [("torch", "chunked", "mean"), ("torch", "chunked", "none"), ("triton", "triton", "none"),
      ("triton", "chunked", "none")],
     ids=lambda x: x,
 )  # fmt: skip
@@ -172,7 +177,7 @@ def test_frozen_weight(backend, impl, reduction, small_chunks):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["fused", "chunked"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_triton_frozen_weight_trained_bias(impl, small_chunks):
     """grad_bias without grad_weight (the dweight kernel sums ds but skips its matmul; chunked: no dW GEMM)."""
     pytest.importorskip("triton")
@@ -218,13 +223,13 @@ def test_no_grad_forward():
         (dict(reduction="avg"), "reduction="),
         (dict(backend="cuda"), "backend="),
         (dict(impl="cublas"), "impl="),
-        (dict(impl="fused", backend="torch"), "impl='fused' runs the Triton kernels"),
+        (dict(impl="triton", backend="torch"), "impl='triton' runs the Triton kernels"),
         (dict(softcap=0.0), "softcap"),
         (dict(label_smoothing=1.5), "label_smoothing"),
         (dict(filter_eps=-1.0), "filter_eps"),
     ],
     ids=["hidden_3d", "weight_H", "labels_N", "labels_float", "dtype_mix", "bias_V", "weights_N",
-         "reduction", "backend", "impl", "fused_on_torch", "softcap", "smoothing", "filter_eps"],
+         "reduction", "backend", "impl", "triton_on_torch", "softcap", "smoothing", "filter_eps"],
 )  # fmt: skip
 def test_errors(bad, match):
     args = dict(hidden=torch.zeros(4, 4), weight=torch.zeros(7, 4), labels=torch.zeros(4, dtype=torch.long))
@@ -318,7 +323,7 @@ def test_out_of_range_label_raises_on_both_paths(bad):
     hidden, weight, _, labels, _ = make_inputs(9, 8, 31, ignore_frac=0.0)
     labels[6] = bad
     messages = []
-    for backend, impl in (("torch", "chunked"), ("triton", "fused"), ("triton", "chunked")):
+    for backend, impl in (("torch", "chunked"), ("triton", "triton"), ("triton", "chunked")):
         with pytest.raises(ValueError) as err:
             fused_linear_cross_entropy(hidden, weight, labels, backend=backend, impl=impl)
         messages.append(str(err.value))
@@ -367,7 +372,7 @@ def test_triton_deterministic_gradients(shuffled_grid):
         for seed in (1, 2):
             shuffled_grid(seed)
             loss = fused_linear_cross_entropy(
-                hidden, weight, labels, bias=b, weights=w, backend="triton", impl="fused"
+                hidden, weight, labels, bias=b, weights=w, backend="triton", impl="triton"
             )
             runs.append([loss, *torch.autograd.grad(loss, leaves)])
     finally:
@@ -485,7 +490,7 @@ def test_triton_gradient_filtering_matches_its_definition():
     got = {}
     for name, filt in (("filtered", eps), ("off", None)):
         loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, weights=w, reduction="sum",
-                                          backend="triton", impl="fused", filter_eps=filt, **opts)  # fmt: skip
+                                          backend="triton", impl="triton", filter_eps=filt, **opts)  # fmt: skip
         got[name] = torch.autograd.grad(loss, leaves)
     for name, a, e, off in zip(("hidden", "weight", "bias"), got["filtered"], want, got["off"]):
         torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
@@ -687,7 +692,7 @@ def test_chunked_deterministic(backend, small_logits_buffer):
 
 
 def test_impl_auto_is_chunked(monkeypatch):
-    """impl="auto" runs the chunked design (on the triton backend: the row kernel, not the fused kernels)."""
+    """impl="auto" runs the chunked design (on the triton backend: the row kernel, not the no-logits kernels)."""
     pytest.importorskip("triton")
     called = []
     for name in ("_triton_chunks", "_triton_forward"):
@@ -696,3 +701,94 @@ def test_impl_auto_is_chunked(monkeypatch):
     hidden, weight, _, labels, _ = make_inputs(9, 8, 31)
     fused_linear_cross_entropy(hidden, weight, labels, backend="triton")
     assert called == ["_triton_chunks"]
+
+
+def integer_inputs(N, H, V, *, bias, seed):
+    """Small integers: every logit is an exact integer in any dtype and accumulation order, so the argmax ties
+    are exact (many rows have several maxima) and every other gap is >= 1. Targets: the first maximum of one
+    row in three, the last maximum (a tie lost to an earlier index, or the only one) of another, else random."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-3, 4, (N, H), generator=g).float()
+    weight = torch.randint(-1, 2, (V, H), generator=g).float()
+    b = torch.randint(-2, 3, (V,), generator=g).float() if bias else None
+    z = hidden @ weight.T + (0.0 if b is None else b)
+    is_max = z == z.amax(1, keepdim=True)
+    first = is_max.int().argmax(1)
+    last = V - 1 - is_max.flip(1).int().argmax(1)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[0::3], labels[1::3] = first[0::3], last[1::3]
+    labels[torch.rand(N, generator=g) < 0.2] = IGNORE
+    ties = (is_max.sum(1) > 1) & (labels != IGNORE)
+    assert ties[1::3].any() and ties[0::3].any()  # ties both won (first index) and lost (a later one)
+    return hidden, weight, b, labels
+
+
+HIT_CASES = {  # backend, impl, dtype, options, V
+    "torch_chunked": ("torch", "chunked", torch.float32, dict(), 1003),
+    "torch_chunked_bf16_all": ("torch", "chunked", torch.bfloat16,
+                               dict(bias=True, softcap=300.0, label_smoothing=0.1, z_loss=1e-3), 1003),
+    "triton_chunked": ("triton", "chunked", torch.float32, dict(bias=True, label_smoothing=0.1), 1003),
+    "triton_chunked_blocks": ("triton", "chunked", torch.float16, dict(softcap=300.0), 5003),
+    "triton": ("triton", "triton", torch.float32, dict(bias=True, softcap=300.0, label_smoothing=0.1), 1003),
+    "triton_fp16": ("triton", "triton", torch.float16, dict(z_loss=1e-3), 1003),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HIT_CASES, ids=list(HIT_CASES))
+def test_hits_break_ties_at_the_first_index(case, small_chunks, small_logits_buffer, monkeypatch):
+    """return_hits equals the reference's ``argmax == label`` exactly, ties included (the first index wins, as
+    torch.argmax): across the chunked path's row chunks and row-kernel vocabulary blocks (V=5003 > BLOCK_V=4096),
+    and the no-logits kernels' vocabulary tiles and splits (one tile per split); ignored rows are never hits."""
+    backend, impl, dtype, opts, V = HIT_CASES[case]
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(ce_mod, "_DEFAULT_SMS", 10**4)  # impl="triton": one vocabulary tile per split
+    opts = dict(opts)
+    hidden, weight, b, labels = integer_inputs(41, 16, V, bias=opts.pop("bias", False), seed=len(case))
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    b = None if b is None else b.to(dtype)
+    loss, hits = fused_linear_cross_entropy(
+        hidden, weight, labels, bias=b, backend=backend, impl=impl, reduction="sum", return_hits=True, **opts
+    )
+    _, _, want = reference(hidden, weight, labels, bias=b, reduction="sum", **opts)
+    assert torch.isfinite(loss)
+    assert torch.equal(hits, want), (hits ^ want).nonzero().squeeze(1).tolist()
+    assert want.any() and not want.all()
+    with_z = fused_linear_cross_entropy(hidden, weight, labels, bias=b, backend=backend, impl=impl,
+                                        return_z_loss=True, return_hits=True, **opts)  # fmt: skip
+    assert len(with_z) == 3 and torch.equal(with_z[2], hits)
+
+
+def test_impl_fused_is_the_deprecated_name_of_triton():
+    """impl="fused" (the old name) still runs the no-logits kernels, with a FutureWarning."""
+    pytest.importorskip("triton")
+    hidden, weight, _, labels, _ = make_inputs(9, 8, 31)
+    with pytest.warns(FutureWarning, match="impl='triton'"):
+        old = fused_linear_cross_entropy(hidden, weight, labels, backend="triton", impl="fused")
+    assert torch.equal(
+        old, fused_linear_cross_entropy(hidden, weight, labels, backend="triton", impl="triton")
+    )
+    assert "fused" in ce_mod.IMPLS  # RagTrainingArguments(fused_loss_impl="fused") stays valid
+
+
+class _LastProgramSkipped:
+    """A kernel launched with one program fewer than asked: the outputs of its last program stay unwritten."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return self.kernel[(grid[0] - 1, *grid[1:])]
+
+
+@pytest.mark.parametrize("kernel, impl", [("_flce_rows_kernel", "chunked"), ("_flce_fwd_kernel", "triton")])
+def test_an_unwritten_output_shows_as_nan(kernel, impl, monkeypatch):
+    """The poisoned_outputs fixture (conftest) at work: a kernel that skips its last row block leaves NaN in the
+    loss (and a poisoned argmax, so no hit) instead of whatever the allocator held."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(ce_mod, kernel, _LastProgramSkipped(getattr(ce_mod, kernel)))
+    hidden, weight, _, labels, _ = make_inputs(9, 8, 31, ignore_frac=0.0)
+    loss, hits = fused_linear_cross_entropy(
+        hidden, weight, labels, backend="triton", impl=impl, reduction="none", return_hits=True
+    )
+    assert loss.isnan().any() and not hits[-1]
