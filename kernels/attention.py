@@ -13,7 +13,18 @@ Mask, for a query i and a key j of the same example (never across examples)::
     block_ids:  block[i] == 0  or  block[j] == block[i]
 
 so a passage token sees only earlier tokens of its own passage (its keys and values depend on that passage
-alone), while question and answer tokens (block 0) see everything earlier in their example.
+alone), while question and answer tokens (block 0) see everything earlier in their example. Optionally a sliding
+window (``i - window < j``: the ``window`` most recent keys; the Triton kernels never visit the key tiles wholly
+before it) and a logit softcap (scores become ``softcap * tanh(scores / softcap)`` before mask and softmax)::
+
+    causal, window=3: query i (rows) sees key j (x)
+        j: 0 1 2 3 4 5
+      i=0  x
+      i=1  x x
+      i=2  x x x
+      i=3    x x x
+      i=4      x x x
+      i=5        x x x
 
 The plain PyTorch reference below is also the CPU path: it runs attention example by example, so its cost
 grows with the sum of squared example lengths, never with the squared row length, and an example's output
@@ -39,6 +50,10 @@ except ImportError:  # CPU-only installs: the torch path still works
     triton = None
 
 _BACKENDS = ("auto", "torch", "triton")
+_NONCAUSAL_WINDOW = (
+    "window with causal=False is not supported by the Triton kernels (only the causal sliding window of "
+    "decoder LMs); use causal=True, or backend='torch'"
+)
 _TRITON_MAX_HEAD_DIM = 256  # head_dim: a multiple of 8 up to this (padded to a power of 2 in the tiles)
 _LOG2E = 1.4426950408889634
 
@@ -73,31 +88,80 @@ if triton is not None:
         return tl.dot(a2, tl.trans(b2), acc, input_precision=DOT_PREC)
 
     @triton.jit
-    def _visible(bq, bk, offs_m, offs_n, L, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr):
-        """(BLOCK_M, BLOCK_N) element mask of a partial tile: both inside the example, causal, same passage."""
-        ok = (offs_m < L)[:, None] & (offs_n < L)[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None])
+    def _visible(
+        bq, bk, offs_m, offs_n, L, window,
+        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    ):  # fmt: skip
+        """(BLOCK_M, BLOCK_N) element mask of a partial tile: both inside the example, causal, inside the window
+        (``i - window < j``), same passage.
+
+        With a window (causal only) one unsigned compare, 0 <= i - j < window (a negative i - j wraps high), and no
+        test of the example's end: j <= i keeps the keys of a query inside the example inside it, and the rows past
+        its end are never stored (forward, dQ) or load zero Q and dO, so add nothing to dK and dV."""
+        if HAS_WINDOW:
+            ok = (offs_m[:, None] - offs_n[None, :]).to(tl.uint32) < window
+        else:
+            ok = (offs_m < L)[:, None] & (offs_n < L)[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None])
         if HAS_BLOCKS:
             ok = ok & ((bq[:, None] == 0) | (bq[:, None] == bk[None, :]))
         return ok
 
     @triton.jit
+    def _tanh(x):
+        """tanh from one exp2 (portable: the interpreter and every triton release); saturates to +-1."""
+        return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+
+    @triton.jit
+    def _key_tiles(
+        m0, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    ):  # fmt: skip
+        """Key-tile starts visited by query tile [m0, m0 + BLOCK_M) without blocks (forward and dQ):
+        [lo, full_lo) partial (the window's lower edge), [full_lo, full_hi) full, [full_hi, hi) partial (the
+        causal diagonal or the example's end). Key tiles below ``lo`` lie wholly outside every query's window and
+        are never visited. (BLOCK_M % BLOCK_N == 0, so the diagonal starts on a key-tile boundary.) Without a
+        window lo = full_lo = 0 (constants)."""
+        last_q = tl.minimum(m0 + BLOCK_M, L) - 1
+        if CAUSAL:
+            full_hi = m0
+            hi = last_q + 1
+        else:
+            full_hi = L // BLOCK_N * BLOCK_N
+            hi = L
+        if HAS_WINDOW:  # causal only (the host refuses a non-causal window)
+            # rounded down / up to tiles by remainders (no multiply a 32-bit offset check cannot bound)
+            lo = tl.maximum(m0 - window + 1, 0)
+            lo -= lo % BLOCK_N
+            full_lo = tl.maximum(last_q - window + 1, 0)
+            full_lo = tl.minimum(full_lo + (BLOCK_N - full_lo % BLOCK_N) % BLOCK_N, full_hi)
+        else:
+            lo = 0
+            full_lo = 0
+        return lo, full_lo, full_hi, hi
+
+    @triton.jit
     def _fwd_tile(
-        acc, l_i, m_i, q, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
+        acc, l_i, m_i, q, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale, window, softcap,
         MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
-        """One key tile of the online softmax. A full tile (MASKED=False) is wholly visible: no mask at all."""
+        """One key tile of the online softmax. A full tile (MASKED=False) is wholly visible: no mask at all.
+        ``softcap`` is in log2 units (softcap * log2(e)): capping the log2-scaled score with it equals capping the
+        natural score with softcap, then scaling by log2(e)."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         rows = offs_n.to(tl.int64)[:, None]  # 64-bit: token index x stride passes 2^31 on long examples
         nmask = offs_n < L
         k = _load_rows(Kb + rows * stride_kt + offs_d[None, :], nmask, MASKED, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s * (1.0 / softcap))  # one scalar division, not one per score
         if MASKED:
             bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
-            s = tl.where(_visible(bq, bk, offs_m, offs_n, L, CAUSAL, HAS_BLOCKS), s, float("-inf"))
+            vis = _visible(bq, bk, offs_m, offs_n, L, window, CAUSAL, HAS_BLOCKS, HAS_WINDOW)
+            s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i starts finite, so never -inf - -inf
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -108,18 +172,20 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, Out, LSE, CU, BLK, CNT, IDX, qk_scale,
+        Q, K, V, Out, LSE, CU, BLK, CNT, IDX, qk_scale, softcap,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        total, group, tiles_q, tiles_k,
-        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        total, group, tiles_q, tiles_k, window,
+        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):  # fmt: skip
         """One (query block, example, query head): O = softmax(Q K^T) V online; LSE in log2 units.
 
-        Without blocks the key tiles before the diagonal are full and the diagonal tiles partial; with blocks
-        the key tiles come from the precomputed lists CNT/IDX (first tokens of the partial tiles, then of the
-        full ones), so no tile is skipped by a
-        data-dependent branch and the K/V loads stay software-pipelined."""
+        Without blocks the key tiles before the diagonal are full and the diagonal tiles partial; with a window
+        the loop starts at the window's first key tile (``_key_tiles``: the tiles before it are never visited)
+        and the tiles crossing the window's edge are partial. With blocks the key tiles come from the precomputed
+        lists CNT/IDX (first tokens of the partial tiles, then of the full ones; the window already applied), so
+        no tile is skipped by a data-dependent branch and the K/V loads stay software-pipelined."""
         seq = tl.program_id(1)
         h = tl.program_id(2)
         start = tl.load(CU + seq)
@@ -152,26 +218,31 @@ if triton is not None:
             for j in range(0, n_partial):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
-                    stride_kt, stride_vt, qk_scale, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    stride_kt, stride_vt, qk_scale, window, softcap, True, CAUSAL, True, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
                 )  # fmt: skip
             for j in range(n_partial, n_partial + n_full):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
-                    stride_kt, stride_vt, qk_scale, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    stride_kt, stride_vt, qk_scale, window, softcap, False, CAUSAL, True, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
                 )  # fmt: skip
         else:
-            # full key tiles: before the diagonal (causal; BLOCK_M % BLOCK_N == 0) or inside the example
-            full_hi = m0 if CAUSAL else L // BLOCK_N * BLOCK_N
-            part_hi = tl.minimum(m0 + BLOCK_M, L) if CAUSAL else L
-            for n0 in range(0, full_hi, BLOCK_N):
+            lo, full_lo, full_hi, hi = _key_tiles(m0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+            for n0 in range(full_lo, full_hi, BLOCK_N):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
-                    False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    window, softcap, False, CAUSAL, False, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
                 )  # fmt: skip
-            for n0 in range(full_hi, part_hi, BLOCK_N):
+            # the partial tiles in one loop (a third loop costs registers): the window's edge, then from full_hi
+            part_lo, part_hi = (lo, hi - full_hi + full_lo) if HAS_WINDOW else (full_hi, hi)
+            for j in range(part_lo, part_hi, BLOCK_N):
+                n0 = tl.where(j < full_lo, j, j - full_lo + full_hi) if HAS_WINDOW else j
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
-                    True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                    window, softcap, True, CAUSAL, False, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
                 )  # fmt: skip
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows past the example end only
         o = acc / l_safe[:, None]
@@ -206,7 +277,8 @@ if triton is not None:
     @triton.jit
     def _bwd_kv_tile(
         dk, dv, k, v, k2, v2, Qb, DOb, LSEb, DELTAb, BLKb, m0, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-        col0, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        col0, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
         ACC_D: tl.constexpr,
     ):  # fmt: skip
@@ -237,24 +309,34 @@ if triton is not None:
         else:
             lse = tl.load(LSEb + offs_m)
             delta = tl.load(DELTAb + offs_m)
-        pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-        if MASKED:
+        sT = sT * qk_scale
+        if HAS_SOFTCAP:  # recomputed as P is: the capped score and its derivative 1 - tanh^2
+            tT = _tanh(sT * (1.0 / softcap))
+            sT = softcap * tT
+        pT = tl.math.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        if MASKED and HAS_WINDOW and not HAS_BLOCKS:  # _visible's window mask, built transposed
+            pT = tl.where((offs_m[None, :] - offs_n[:, None]).to(tl.uint32) < window, pT, 0.0)
+        elif MASKED:
             bq = tl.load(BLKb + offs_m, mask=mmask, other=-1) if HAS_BLOCKS else offs_m
-            pT = tl.where(tl.trans(_visible(bq, bk, offs_m, offs_n, L, CAUSAL, HAS_BLOCKS)), pT, 0.0)
+            vis = _visible(bq, bk, offs_m, offs_n, L, window, CAUSAL, HAS_BLOCKS, HAS_WINDOW)
+            pT = tl.where(tl.trans(vis), pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         if ACC_D == BLOCK_D:
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
         return dk, dv
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, CU, BLK, CNT, IDX, qk_scale, sm_scale,
+        Q, K, V, DO, DK, DV, LSE, DELTA, CU, BLK, CNT, IDX, qk_scale, sm_scale, softcap,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-        total, group, tiles_q, tiles_k,
-        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        total, group, tiles_q, tiles_k, window,
+        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, ACC_D: tl.constexpr,
     ):  # fmt: skip
         """One (key block, example, kv head, column half): dK, dV summed over the kv head's query heads (no
@@ -295,14 +377,30 @@ if triton is not None:
         n_partial = tl.load(CNT + 2 * row) if HAS_BLOCKS else 0
         n_full = tl.load(CNT + 2 * row + 1) if HAS_BLOCKS else 0
         tiles = IDX + row * tiles_q
-        # without blocks: query tiles from n0 on; the first n_diag ones (causal diagonal) and the one crossing the
-        # example end are partial, those between are full. One loop per kind, with no data-dependent branch.
+        # without blocks: query tiles from n0 on; the first n_diag ones (causal diagonal) and those from full_hi to
+        # q_end (the example's end, or the window's: later queries see none of these keys, and are never visited)
+        # are partial, those between are full. One loop per kind, with no data-dependent branch.
         full_lo = n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M if CAUSAL else 0
-        full_hi = tl.maximum(full_lo, L - (L - full_lo) % BLOCK_M)
-        diag_hi = (
-            tl.minimum(full_lo, L) if CAUSAL else n0
-        )  # partial tiles start at n0, n0 + BLOCK_M, ... < diag_hi
-        tail = (L > full_hi).to(tl.int32) * BLOCK_M  # then one at full_hi if the example ends inside a tile
+        if HAS_WINDOW:  # causal only
+            q_end = tl.minimum(L, n0 + BLOCK_N - 1 + window)
+            # a full query tile ends by the example's end and by the window (i < n0 + window for every key here)
+            full_end = tl.maximum(tl.minimum(L, n0 + window), full_lo)
+            full_hi = full_end - (full_end - full_lo) % BLOCK_M
+            diag_hi = tl.minimum(full_lo, q_end)  # partial tiles start at n0, n0 + BLOCK_M, ...
+            # rows of the partial query tiles, whole tiles: by remainders (no multiply the 32-bit offset check
+            # cannot bound): the diagonal's, then those from full_hi to q_end
+            diag = diag_hi - n0
+            diag += (BLOCK_M - diag % BLOCK_M) % BLOCK_M
+            tail = tl.maximum(q_end - full_hi, 0)
+            tail += (BLOCK_M - tail % BLOCK_M) % BLOCK_M
+        else:
+            full_hi = tl.maximum(full_lo, L - (L - full_lo) % BLOCK_M)
+            diag_hi = (
+                tl.minimum(full_lo, L) if CAUSAL else n0
+            )  # partial tiles start at n0, n0 + BLOCK_M, ... < diag_hi
+            tail = (L > full_hi).to(
+                tl.int32
+            ) * BLOCK_M  # then one at full_hi if the example ends inside a tile
         # one flat loop per tile kind over (query head of the group, query tile): no nested loop, so the software
         # pipeline runs across the heads and the accumulators are live in one loop only
         Qh = Q + start * stride_qt
@@ -316,25 +414,37 @@ if triton is not None:
                 dk, dv = _bwd_kv_tile(
                     dk, dv, k, v, k2, v2, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
                     tl.load(tiles + t % n_partial), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-                    col0, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
+                    col0, window, softcap, True, CAUSAL, True, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
                 )  # fmt: skip
             for t in range(0, group * n_full):
                 h = h0 + t // n_full
                 dk, dv = _bwd_kv_tile(
                     dk, dv, k, v, k2, v2, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
                     tl.load(tiles + n_partial + t % n_full), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-                    col0, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
+                    col0, window, softcap, False, CAUSAL, True, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
                 )  # fmt: skip
         else:
-            span = diag_hi + tail - n0  # partial tiles n0, n0 + BLOCK_M, ... (then full_hi) of one head
-            span += (BLOCK_M - span % BLOCK_M) % BLOCK_M
+            # partial tiles of one head: n0, n0 + BLOCK_M, ... (diagonal) then full_hi (, full_hi + BLOCK_M, ...)
+            if HAS_WINDOW:
+                span = diag + tail
+            else:
+                span = diag_hi + tail - n0
+                span += (BLOCK_M - span % BLOCK_M) % BLOCK_M
             for t in range(0, group * span, BLOCK_M):
                 h = h0 + t // span
-                m = n0 + t % span
+                if HAS_WINDOW:
+                    m = t % span
+                    m0 = tl.where(m < diag, n0 + m, full_hi + m - diag)
+                else:
+                    m = n0 + t % span
+                    m0 = tl.where(m < diag_hi, m, full_hi)
                 dk, dv = _bwd_kv_tile(
                     dk, dv, k, v, k2, v2, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
-                    tl.where(m < diag_hi, m, full_hi), offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-                    col0, True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
+                    m0, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
+                    col0, window, softcap, True, CAUSAL, False, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
                 )  # fmt: skip
             span = full_hi - full_lo
             for t in range(0, group * span, BLOCK_M):
@@ -342,7 +452,8 @@ if triton is not None:
                 dk, dv = _bwd_kv_tile(
                     dk, dv, k, v, k2, v2, Qh + h * stride_qh, DOh + h * stride_dh, LSEh + h * total, DELTAh + h * total, BLKb,
                     full_lo + t % span, offs_n, bk, L, stride_qt, stride_dt, qk_scale,
-                    col0, False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
+                    col0, window, softcap, False, CAUSAL, False, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, ACC_D,
                 )  # fmt: skip
         dk = dk * sm_scale
         # the epilogue addresses from per-program scalars, so no per-row value stays live across the loops
@@ -358,7 +469,8 @@ if triton is not None:
     @triton.jit
     def _bwd_q_tile(
         dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale, col0,
-        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
         ACC_D: tl.constexpr,
     ):  # fmt: skip
@@ -380,21 +492,28 @@ if triton is not None:
             v2 = _load_half(Vb, rows, stride_vt, nmask, ACC_D - col0, HEAD_DIM, ACC_D)
             dp = _dot_halves(do, v, do2, v2, DOT_PREC)
             s = _dot_halves(q, k, q2, k2, DOT_PREC)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        s = s * qk_scale
+        if HAS_SOFTCAP:
+            t = _tanh(s * (1.0 / softcap))
+            s = softcap * t
+        p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             bk = tl.load(BLKb + offs_n, mask=nmask, other=-1) if HAS_BLOCKS else offs_n
-            p = tl.where(_visible(bq, bk, offs_m, offs_n, L, CAUSAL, HAS_BLOCKS), p, 0.0)
+            p = tl.where(_visible(bq, bk, offs_m, offs_n, L, window, CAUSAL, HAS_BLOCKS, HAS_WINDOW), p, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         return dq
 
     @triton.jit
     def _attn_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, CU, BLK, CNT, IDX, qk_scale, sm_scale,
+        Q, K, V, DO, DQ, LSE, DELTA, CU, BLK, CNT, IDX, qk_scale, sm_scale, softcap,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
         stride_dqt, stride_dqh,
-        total, group, tiles_q, tiles_k,
-        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        total, group, tiles_q, tiles_k, window,
+        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, ACC_D: tl.constexpr,
     ):  # fmt: skip
         """One (query block, example, query head, column half): dQ over the key tiles the forward visited. ACC_D =
@@ -441,27 +560,30 @@ if triton is not None:
             for j in range(0, n_partial):
                 dq = _bwd_q_tile(
                     dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
-                    stride_kt, stride_vt, qk_scale, col0, True, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-                    ACC_D,
+                    stride_kt, stride_vt, qk_scale, col0, window, softcap, True, CAUSAL, True, HAS_WINDOW,
+                    HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, ACC_D,
                 )  # fmt: skip
             for j in range(n_partial, n_partial + n_full):
                 dq = _bwd_q_tile(
                     dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, tl.load(tiles + j), offs_m, bq, L,
-                    stride_kt, stride_vt, qk_scale, col0, False, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-                    ACC_D,
+                    stride_kt, stride_vt, qk_scale, col0, window, softcap, False, CAUSAL, True, HAS_WINDOW,
+                    HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, ACC_D,
                 )  # fmt: skip
         else:
-            full_hi = m0 if CAUSAL else L // BLOCK_N * BLOCK_N
-            part_hi = tl.minimum(m0 + BLOCK_M, L) if CAUSAL else L
-            for n0 in range(0, full_hi, BLOCK_N):
+            lo, full_lo, full_hi, hi = _key_tiles(m0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+            for n0 in range(full_lo, full_hi, BLOCK_N):
                 dq = _bwd_q_tile(
                     dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
-                    col0, False, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, ACC_D,
+                    col0, window, softcap, False, CAUSAL, False, HAS_WINDOW, HAS_SOFTCAP,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, ACC_D,
                 )  # fmt: skip
-            for n0 in range(full_hi, part_hi, BLOCK_N):
+            # partial: the window's edge, then from full_hi
+            part_lo, part_hi = (lo, hi - full_hi + full_lo) if HAS_WINDOW else (full_hi, hi)
+            for j in range(part_lo, part_hi, BLOCK_N):
+                n0 = tl.where(j < full_lo, j, j - full_lo + full_hi) if HAS_WINDOW else j
                 dq = _bwd_q_tile(
-                    dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale,
-                    col0, True, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, ACC_D,
+                    dq, q, do, q2, do2, lse, delta, Kb, Vb, BLKb, n0, offs_m, bq, L, stride_kt, stride_vt, qk_scale, col0, window, softcap, True, CAUSAL, False,
+                    HAS_WINDOW, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, ACC_D,
                 )  # fmt: skip
         dq = dq * sm_scale
         # the epilogue addresses from per-program scalars, so no per-row value stays live across the loops
@@ -615,13 +737,15 @@ def _tile_lists(
     bk: int,
     key_major: bool,
     stats: dict[int, torch.Tensor] | None = None,
+    window: int | None = None,
 ) -> _TileList:
     """FlexAttention-style lists of the tiles a block-masked kernel visits, built on the device (no host sync).
 
     Query tiles of ``bq`` tokens against key tiles of ``bk`` tokens, per example. A pair is *empty* (skipped) when
     no query of the tile may see a key of the other (after the causal cut, or no global query and disjoint passage
     ids: a conservative test), *full* when every query sees every key and the looped-over tile lies inside the
-    example (no mask at all), *partial* otherwise (element mask). For each query tile (key_major=False: forward
+    example (no mask at all), *partial* otherwise (element mask). A causal ``window`` empties the pairs whose keys all
+    precede every query's window (``j <= i - window``) and makes partial those crossing its edge. For each query tile (key_major=False: forward
     and dQ) or key tile (key_major=True: dK/dV), ``idx`` lists the first tokens of the partial tiles of the other
     side, then those of the full ones, ascending; ``cnt`` holds (#partial, #full). ``stats``: from
     :func:`_tile_stats` for (at least) sizes ``bq`` and ``bk``, to share them between lists.
@@ -644,6 +768,9 @@ def _tile_lists(
     else:
         some = torch.ones_like(exists)
         every = ks + bk <= L
+    if window is not None:  # causal only: i - window < j
+        some = some & (ks + bk - 1 > qs - window)
+        every = every & (ks > torch.minimum(qs + bq, L) - 1 - window)
     inside = (ks + bk <= L) if not key_major else (qs + bq <= L)  # the looped-over tile needs no row mask
     q_global, q_min, q_max = sq.unbind(-1)
     k_global, k_min, k_max = sk.unbind(-1)
@@ -694,9 +821,15 @@ class BlockTiles:
     causal: bool
     max_seqlen: int
     source: tuple[int, ...]  # _source(cu_seqlens, block_ids) at build time
+    window: int | None = None  # the sliding window the lists were cut for (after _effective_window)
 
 
-def _build_tiles(cu_seqlens, block_ids, max_seqlen, causal, cfgs, backward) -> BlockTiles:
+def _effective_window(window: int | None, max_seqlen: int) -> int | None:
+    """None when the window reaches every key of the longest example (then it masks nothing)."""
+    return None if window is None or window >= max_seqlen else int(window)
+
+
+def _build_tiles(cu_seqlens, block_ids, max_seqlen, causal, cfgs, backward, window=None) -> BlockTiles:
     """All lists of a row from one stats pass; configs with the same tiles share a list (fwd and dQ often do)."""
     kinds = {"fwd": False, "dkdv": True, "dq": False} if backward else {"fwd": False}
     specs = {name: (cfgs[name].block_m, cfgs[name].block_n, key_major) for name, key_major in kinds.items()}
@@ -705,7 +838,9 @@ def _build_tiles(cu_seqlens, block_ids, max_seqlen, causal, cfgs, backward) -> B
     built: dict[tuple, _TileList] = {}
     for spec in specs.values():
         if spec not in built:
-            built[spec] = _tile_lists(cu_seqlens, block_ids, max_seqlen, causal, *spec, stats=stats)
+            built[spec] = _tile_lists(
+                cu_seqlens, block_ids, max_seqlen, causal, *spec, stats=stats, window=window
+            )
     lists = {name: built[spec] for name, spec in specs.items()}
     return BlockTiles(
         lists["fwd"],
@@ -715,6 +850,7 @@ def _build_tiles(cu_seqlens, block_ids, max_seqlen, causal, cfgs, backward) -> B
         bool(causal),
         int(max_seqlen),
         _source(cu_seqlens, block_ids),
+        window,
     )
 
 
@@ -727,6 +863,7 @@ def block_tiles(
     dtype: torch.dtype,
     causal: bool = True,
     backward: bool = True,
+    window: int | None = None,
 ) -> BlockTiles:
     """The block-mask tile lists of one packed row, for :func:`varlen_attention`'s ``block_tiles``.
 
@@ -742,6 +879,7 @@ def block_tiles(
         head_dim, dtype: of q, k, v: they choose the kernels' tiles (and so the lists).
         causal: as the layers will call.
         backward: also build the dK/dV and dQ lists (False: forward-only use, e.g. inference).
+        window: the sliding window the layers will pass (key tiles outside every query's window are dropped).
     """
     if triton is None:
         raise RuntimeError("block_tiles serves the Triton kernels: install triton (pip install triton)")
@@ -757,29 +895,33 @@ def block_tiles(
         raise ValueError(f"block_ids is on {block_ids.device}, cu_seqlens on {cu_seqlens.device}")
     if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, numbers.Integral):
         raise ValueError(f"max_seqlen must be a Python int, not {type(max_seqlen).__name__}")
+    _check_window(window, None)
+    if window is not None and not causal:
+        raise NotImplementedError(_NONCAUSAL_WINDOW)
     cfgs = _configs(head_dim, dtype, block_ids.device)
-    return _build_tiles(cu_seqlens, block_ids, int(max_seqlen), causal, cfgs, backward)
+    window = _effective_window(window, int(max_seqlen))
+    return _build_tiles(cu_seqlens, block_ids, int(max_seqlen), causal, cfgs, backward, window)
 
 
-def _check_tiles(tiles: BlockTiles, q, cu_seqlens, max_seqlen, causal, block_ids) -> None:
+def _check_tiles(tiles: BlockTiles, q, cu_seqlens, max_seqlen, causal, block_ids, window) -> None:
     """Refuse lists built for another row or configuration: they would read out of range or mask wrongly."""
     if block_ids is None:
         raise ValueError("block_tiles was given without block_ids; pass the block_ids it was built from")
     if torch.compiler.is_compiling():
         return  # no host metadata to compare in a traced graph
     cfgs = _configs(q.shape[2], q.dtype, q.device)
-    built = (tiles.configs, tiles.causal, tiles.max_seqlen, tiles.source)
+    built = (tiles.configs, tiles.causal, tiles.max_seqlen, tiles.window, tiles.source)
     configs = (cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
-    want = (configs, bool(causal), int(max_seqlen), _source(cu_seqlens, block_ids))
+    want = (configs, bool(causal), int(max_seqlen), window, _source(cu_seqlens, block_ids))
     if built != want:
         raise ValueError(
-            "block_tiles was built for another row or configuration (configs, causal, max_seqlen, source): "
+            "block_tiles was built for another row or configuration (configs, causal, max_seqlen, window, source): "
             f"{built} != {want}; build it with block_tiles(cu_seqlens, block_ids, max_seqlen, head_dim=q.shape[2], "
-            "dtype=q.dtype, causal=causal) from the tensors passed here, after any in-place edit"
+            "dtype=q.dtype, causal=causal, window=window) from the tensors passed here, after any in-place edit"
         )
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles):
+def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles, window=None, softcap=None):
     total, Hq, D = q.shape
     cfg = _configs(D, q.dtype, q.device)["fwd"]
     o = torch.empty_like(q)
@@ -789,22 +931,33 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles):
     grid = (triton.cdiv(max(max_seqlen, 1), cfg.block_m), n, Hq)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens, block_ids if block_ids is not None else cu_seqlens, cnt, idx, scale * _LOG2E,
+        _cap_log2(softcap),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        total, Hq // k.shape[1], tq, tk,
-        CAUSAL=causal, HAS_BLOCKS=block_ids is not None, HEAD_DIM=D, BLOCK_D=_block_d(D),
+        total, Hq // k.shape[1], tq, tk, window or 0,
+        CAUSAL=causal, HAS_BLOCKS=block_ids is not None, HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles):
+def _cap_log2(softcap: float | None) -> float:
+    """The kernels' softcap argument: in log2 units, as their scores (0.0 when off: the argument is unused)."""
+    return 0.0 if softcap is None else float(softcap) * _LOG2E
+
+
+def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles, window, softcap):
     total, Hq, D = q.shape
     Hkv = k.shape[1]
     cfgs = _configs(D, q.dtype, q.device)
     n = cu_seqlens.numel() - 1
     blk = block_ids if block_ids is not None else cu_seqlens
-    common = dict(CAUSAL=causal, HAS_BLOCKS=block_ids is not None, HEAD_DIM=D, BLOCK_D=_block_d(D))
+    common = dict(
+        CAUSAL=causal, HAS_BLOCKS=block_ids is not None, HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, HEAD_DIM=D, BLOCK_D=_block_d(D),
+    )  # fmt: skip
+    cap = _cap_log2(softcap)
     delta = torch.empty((Hq, total), dtype=torch.float32, device=q.device)
     rows = _delta_rows(D)
     _attn_bwd_delta_kernel[(triton.cdiv(total, rows), Hq)](
@@ -819,18 +972,18 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_
     cfg = cfgs["dkdv"]
     cnt, idx, tq, tk = lists("dkdv")
     _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_n), n, Hkv * cfg.d_split)](
-        q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale,
+        q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale, cap,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total, Hq // Hkv, tq, tk,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total, Hq // Hkv, tq, tk, window or 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype), ACC_D=_block_d(D) // cfg.d_split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )  # fmt: skip
     cfg = cfgs["dq"]
     cnt, idx, tq, tk = lists("dq")
     _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen, 1), cfg.block_m), n, Hq * cfg.d_split)](
-        q, k, v, do, dq, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale,
+        q, k, v, do, dq, lse, delta, cu_seqlens, blk, cnt, idx, scale * _LOG2E, scale, cap,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), total, Hq // Hkv, tq, tk,
+        dq.stride(0), dq.stride(1), total, Hq // Hkv, tq, tk, window or 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(q.dtype), ACC_D=_block_d(D) // cfg.d_split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )  # fmt: skip
@@ -839,11 +992,12 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, block_
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles, window, softcap):
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-        o, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles)
+        o, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, block_ids, tiles, window, softcap)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, block_ids)
         ctx.max_seqlen, ctx.causal, ctx.scale, ctx.tiles = max_seqlen, causal, scale, tiles
+        ctx.window, ctx.softcap = window, softcap
         return o
 
     @staticmethod
@@ -852,7 +1006,7 @@ class _VarlenAttention(torch.autograd.Function):
         tiles = ctx.tiles
         if block_ids is not None and tiles.dq is None:  # built forward-only: the lists of the backward now
             cfgs = _configs(q.shape[2], q.dtype, q.device)
-            tiles = _build_tiles(cu_seqlens, block_ids, ctx.max_seqlen, ctx.causal, cfgs, True)
+            tiles = _build_tiles(cu_seqlens, block_ids, ctx.max_seqlen, ctx.causal, cfgs, True, ctx.window)
         dq, dk, dv = _backward(
             _last_dim_contiguous(do),
             q,
@@ -866,8 +1020,10 @@ class _VarlenAttention(torch.autograd.Function):
             ctx.scale,
             block_ids,
             tiles,
+            ctx.window,
+            ctx.softcap,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(
@@ -995,7 +1151,8 @@ def _chunk_attention(
         )[0]
     if Hq != Hkv:
         ki, vi = ki.repeat_interleave(Hq // Hkv, 0), vi.repeat_interleave(Hq // Hkv, 0)
-    s = torch.matmul(qi, ki.transpose(-1, -2)).float() * scale
+    s = torch.matmul(qi, ki.transpose(-1, -2))
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale  # fp32 at least; float64 stays float64
     s = torch.tanh(s / softcap) * softcap
     if allowed is None and causal_square:
         M = s.shape[-1]
@@ -1135,8 +1292,8 @@ def varlen_attention(
     if backend == "auto":
         backend = "triton" if q.is_cuda and triton is not None else "torch"
     if backend == "triton":
-        if window is not None or softcap is not None:
-            raise NotImplementedError("window/softcap on the Triton path: in progress")
+        if window is not None and not causal:
+            raise NotImplementedError(_NONCAUSAL_WINDOW)
         _triton_ready(q.device)
         D = q.shape[2]
         if D % 8 or not 16 <= D <= _TRITON_MAX_HEAD_DIM:
@@ -1145,15 +1302,17 @@ def varlen_attention(
                 " e.g. 64, 80, 96, 128, 256); use backend='torch'"
             )
         scale = softmax_scale if softmax_scale is not None else q.shape[2] ** -0.5
+        window = _effective_window(window, int(max_seqlen))
         if block_ids is not None and block_tiles is None:  # built here, once for this call's fwd and bwd
             backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
             cfgs = _configs(D, q.dtype, q.device)
-            block_tiles = _build_tiles(cu_seqlens, block_ids, int(max_seqlen), causal, cfgs, backward)
+            block_tiles = _build_tiles(cu_seqlens, block_ids, int(max_seqlen), causal, cfgs, backward, window)
         elif block_tiles is not None:
-            _check_tiles(block_tiles, q, cu_seqlens, max_seqlen, causal, block_ids)
+            _check_tiles(block_tiles, q, cu_seqlens, max_seqlen, causal, block_ids, window)
         return _VarlenAttention.apply(
-            q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(scale), block_ids, block_tiles
-        )
+            q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(scale), block_ids, block_tiles, window,
+            None if softcap is None else float(softcap),
+        )  # fmt: skip
     return varlen_attention_reference(
         q,
         k,
@@ -1173,10 +1332,11 @@ _AOT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 # What the JIT sees at a typical launch (Llama-3-8B's 32 query / 8 key-value heads, an odd packed length), so the
 # AOT report compiles the same specialisation: strides multiples of 16, ``total`` odd, ``group`` 4; the "mha"
 # variant has group=1 (a constant to the JIT) and a total divisible by 16.
-_AOT_HEADS, _AOT_TOTAL, _AOT_MAX_SEQLEN = (32, 8), 4099, 4001
+# A window is Mistral's / Gemma 2's 4096 (a runtime argument: one binary serves every window); off, the host passes 0.
+_AOT_HEADS, _AOT_TOTAL, _AOT_MAX_SEQLEN, _AOT_WINDOW = (32, 8), 4099, 4001, 4096
 
 
-def _aot_values(kernel: str, D: int, cfg: _Config, blocks: bool, mha: bool) -> dict[str, int]:
+def _aot_values(kernel: str, D: int, cfg: _Config, blocks: bool, mha: bool, window: bool) -> dict[str, int]:
     hq, hkv = (_AOT_HEADS[0], _AOT_HEADS[0]) if mha else _AOT_HEADS
     width = {"q": hq, "o": hq, "d": hq, "dq": hq, "k": hkv, "v": hkv, "dk": hkv, "dv": hkv}
     names = {
@@ -1191,6 +1351,7 @@ def _aot_values(kernel: str, D: int, cfg: _Config, blocks: bool, mha: bool) -> d
     values["group"] = hq // hkv
     tq, tk = triton.cdiv(_AOT_MAX_SEQLEN, cfg.block_m), triton.cdiv(_AOT_MAX_SEQLEN, cfg.block_n)
     values["tiles_q"], values["tiles_k"] = (tq, tk) if blocks else (0, 0)
+    values["window"] = _AOT_WINDOW if window else 0
     return values
 
 
@@ -1201,37 +1362,50 @@ def _aot_archs(D: int, dtype: torch.dtype) -> list[tuple[int, ...] | None]:
 
 def aot_specs() -> list[AotSpec]:
     """The GPU path's kernels as the JIT specialises them (see ``_aot_values``): every head_dim in bf16, fp16 and
-    fp32 at 64 and 128 (causal), non-causal at 128, block masks at 64 and 128 (causal) and 128 (non-causal), and
-    one MHA variant. Tiles depend on BLOCK_D and dtype size only, so this covers every tile configuration but fp32
+    fp32 at 64 and 128 (causal), non-causal at 128, block masks at 64 and 128 (causal) and 128 (non-causal), one
+    MHA variant, and the sliding window (causal; 128, with block masks at 128) and logit softcap (with a window
+    at 256: Gemma 2). Tiles depend on BLOCK_D and dtype size only, so this covers every tile configuration but fp32
     at head_dim > 128; the other (dtype, mask) combinations reuse listed tiles (compiling all would take long)."""
     if triton is None:
         return []
     specs = []
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    variants = [(D, bf16, True, False, False) for D in (64, 80, 96, 128, 256)]
-    variants += [(D, dt, True, False, False) for D in (64, 128) for dt in (fp16, fp32)]
+    # (head_dim, dtype, causal, blocks, mha, window, softcap)
+    variants = [(D, bf16, True, False, False, False, False) for D in (64, 80, 96, 128, 256)]
+    variants += [(D, dt, True, False, False, False, False) for D in (64, 128) for dt in (fp16, fp32)]
     variants += [
-        (128, bf16, False, False, False),
-        (64, bf16, True, True, False),
-        (128, bf16, True, True, False),
+        (128, bf16, False, False, False, False, False),
+        (64, bf16, True, True, False, False, False),
+        (128, bf16, True, True, False, False, False),
     ]
-    variants += [(128, bf16, False, True, False), (128, bf16, True, False, True)]
-    for (D, dtype, causal, blocks, mha), archs in [(v, a) for v in variants for a in _aot_archs(v[0], v[1])]:
+    variants += [(128, bf16, False, True, False, False, False), (128, bf16, True, False, True, False, False)]
+    variants += [
+        (128, bf16, True, False, False, True, False),
+        (256, bf16, True, False, False, True, True),
+        (128, bf16, True, True, False, True, False),
+    ]
+    for variant, archs in [(v, a) for v in variants for a in _aot_archs(v[0], v[1])]:
+        D, dtype, causal, blocks, mha, window, softcap = variant
         ty, cfgs = _AOT_DTYPES[dtype], _gpu_configs(D, dtype, archs[0] if archs else 90)
         ptr = "*" + ty
         mode = ("causal" if causal else "full") + (" blocks" if blocks else "") + (" mha" if mha else "")
-        consts = dict(CAUSAL=causal, HAS_BLOCKS=blocks, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D))
+        mode += (" window" if window else "") + (" softcap" if softcap else "")
+        consts = dict(
+            CAUSAL=causal, HAS_BLOCKS=blocks, HAS_WINDOW=window, HAS_SOFTCAP=softcap, HEAD_DIM=D,
+            BLOCK_D=triton.next_power_of_2(D),
+        )  # fmt: skip
         for kernel, fn, ptrs, scalars, cfg in (
-            ("attn_fwd", _attn_fwd_kernel, ["Q", "K", "V", "Out"], ["qk_scale"], cfgs["fwd"]),
-            ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"], ["qk_scale", "sm_scale"],
-             cfgs["dkdv"]),
-            ("attn_bwd_dq", _attn_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], ["qk_scale", "sm_scale"], cfgs["dq"]),
+            ("attn_fwd", _attn_fwd_kernel, ["Q", "K", "V", "Out"], ["qk_scale", "softcap"], cfgs["fwd"]),
+            ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"],
+             ["qk_scale", "sm_scale", "softcap"], cfgs["dkdv"]),
+            ("attn_bwd_dq", _attn_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"], ["qk_scale", "sm_scale", "softcap"],
+             cfgs["dq"]),
         ):  # fmt: skip
             sig = {p: ptr for p in ptrs}
             sig.update({"LSE": "*fp32"} if kernel == "attn_fwd" else {"LSE": "*fp32", "DELTA": "*fp32"})
             sig.update({"CU": "*i32", "BLK": "*i32", "CNT": "*i32", "IDX": "*i32"})
             sig.update({s: "fp32" for s in scalars})
-            values = _aot_values(kernel, D, cfg, blocks, mha)
+            values = _aot_values(kernel, D, cfg, blocks, mha, window)
             sig.update({a: "i32" for a in values})
             sig = {a: sig[a] for a in fn.arg_names if a in sig}  # the kernel's argument order
             cx = dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_prec(dtype))
@@ -1245,7 +1419,7 @@ def aot_specs() -> list[AotSpec]:
                     kernel, fn, sig, cx, cfg.num_warps, cfg.num_stages, config, values=values, archs=archs
                 )
             )
-        if not causal or blocks or mha or (archs and archs[0] != 90):
+        if not causal or blocks or mha or window or softcap or (archs and archs[0] != 90):
             continue
         sig = {"Out": ptr, "DO": ptr, "DELTA": "*fp32", "stride_ot": "i32", "stride_oh": "i32"}
         sig.update({"stride_dt": "i32", "stride_dh": "i32", "total": "i32"})
