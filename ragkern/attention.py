@@ -17,6 +17,11 @@ Dispatch for packed rows::
 
 Padded batches and decoding with a KV cache (query shorter than keys) run SDPA with an explicit mask.
 
+Sliding-window layers (the ``sliding_window`` transformers passes: Mistral, Qwen2/3, Phi-3, Gemma 2/3's sliding
+layers) and attention logit soft-capping (Gemma 2's ``softcap``) are honoured on every path: a query sees the
+``sliding_window`` most recent keys of its own example, itself included; scores become
+``softcap * tanh(scores / softcap)`` before the mask, as in the models' eager attention.
+
 Block-masked packed rows on the Triton path build their tile lists (``block_tiles``) in the first layer of a
 forward and reuse them in every other layer, the backward and checkpointed recomputes (memoised on the batch's
 ``block_ids`` and ``cu_seq_lens_q`` tensors): no per-layer metadata work, no host sync.
@@ -116,18 +121,22 @@ def _block_row(
     causal: bool,
     q: torch.Tensor,
     backward: bool,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, BlockTiles]:
     """A packed row's int32 offsets ``(n + 1,)`` and block ids ``(T,)`` on q's device, and their tile lists, built
     once per batch: keyed on the batch's ``block_ids`` and ``cu_seq_lens_q`` tensors (identity and in-place
-    version) and the kernel configuration. ``backward``: the lists of the backward are needed too."""
+    version) and the kernel configuration, the layer's sliding ``window`` included (Gemma's sliding and full
+    layers each get their lists). ``backward``: the lists of the backward are needed too."""
+    extra = {} if window is None else {"window": window}  # windowed rows only: block_tiles' newer argument
     if block_arg.is_inference() or cu_arg.is_inference():  # no version counters: build for this call only
         blk = block_arg.reshape(-1).to(device=q.device, dtype=torch.int32)
+        D, dtype = q.shape[2], q.dtype
         return (
             cu,
             blk,
-            block_tiles(cu, blk, max_len, head_dim=q.shape[2], dtype=q.dtype, causal=causal, backward=False),
+            block_tiles(cu, blk, max_len, head_dim=D, dtype=dtype, causal=causal, backward=False, **extra),
         )
-    config = (max_len, bool(causal), q.shape[2], q.dtype, q.device)
+    config = (max_len, bool(causal), q.shape[2], q.dtype, q.device, window)
     key = (id(cu_arg), cu_arg._version, block_arg._version, *config)
     entries = _row_tiles.get(block_arg)
     if entries is None:
@@ -138,27 +147,17 @@ def _block_row(
     # detached: a plain reshape would keep block_arg as its _base, and the entry (the value) its own key alive
     blk = block_arg.detach().reshape(-1).to(device=q.device, dtype=torch.int32)
     D = q.shape[2]
-    tiles = block_tiles(cu, blk, max_len, head_dim=D, dtype=q.dtype, causal=causal, backward=backward)
+    tiles = block_tiles(
+        cu, blk, max_len, head_dim=D, dtype=q.dtype, causal=causal, backward=backward, **extra
+    )
     if len(entries) > 8:
         entries.clear()
     entries[key] = (weakref.ref(cu_arg), cu, blk, tiles)
     return cu, blk, tiles
 
 
-def _unsupported(module: torch.nn.Module, longest: int, dropout: float, kwargs: dict) -> None:
+def _unsupported(dropout: float, kwargs: dict) -> None:
     """Raise for model features this path cannot honour rather than compute something else."""
-    window = kwargs.get("sliding_window")
-    if window is not None and longest > window:
-        raise NotImplementedError(
-            f"{type(module).__name__} uses sliding-window attention (window {window}) and an example has {longest} "
-            "tokens; the 'ragkern' attention computes full causal attention. Keep examples within the window "
-            "(max_length) or use attn_implementation='flash_attention_2'."
-        )
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(
-            f"{type(module).__name__} soft-caps attention logits; the 'ragkern' attention does not. "
-            "Train it with packing=False, or packed with attn_implementation='flash_attention_2' on GPU."
-        )
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the 'ragkern' attention")
     if dropout > 0.0:
@@ -178,14 +177,41 @@ def _packed_attention(
     scale: float | None,
     block_ids: torch.Tensor | None,
     tiles: BlockTiles | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``; ``tiles``: the row's prebuilt block-mask lists."""
+    """q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``; ``tiles``: the row's prebuilt block-mask lists;
+    ``window``/``softcap``: transformers' ``sliding_window`` and attention logit soft-capping (None: off)."""
     if not q.is_cuda and torch.compiler.is_compiling():
         # the exact CPU path reads the offsets on the host; a compiled graph cannot: mask the row instead
-        return _row_masked_sdpa(q, k, v, cu_seqlens, causal=causal, scale=scale, block_ids=block_ids)
+        return _row_masked_sdpa(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            causal=causal,
+            scale=scale,
+            block_ids=block_ids,
+            window=window,
+            softcap=softcap,
+        )
     if q.is_cuda and flash_attn_varlen_func is not None and block_ids is None and q.dtype != torch.float32:
+        extra = {}
+        if window is not None:  # flash-attn's (left, right) reach: i - window < j <= i once causal
+            extra["window_size"] = (window - 1, window - 1)
+        if softcap is not None:
+            extra["softcap"] = softcap
         return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            softmax_scale=scale,
+            causal=causal,
+            **extra,
         )
     return varlen_attention(
         q,
@@ -197,9 +223,43 @@ def _packed_attention(
         softmax_scale=scale,
         block_ids=block_ids,
         block_tiles=tiles,
+        window=window,
+        softcap=softcap,
         backend="triton" if tiles is not None else "auto",  # tiles are built for the Triton path only
         validate=False,  # the offsets were checked once per row (check_packed_row) or built here
     )
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    *,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """q ``(B, Hq, Q, D)``, k/v ``(B, Hkv, K, D)``, ``allowed`` bool broadcastable to ``(B, Hq, Q, K)`` ->
+    ``(B, Hq, Q, D)``. SDPA has no soft-capping: with ``softcap`` the scores are computed explicitly
+    (``softcap * tanh(s / softcap)`` after scaling, before the mask), softmax in fp32 as eager attention."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=Hq != Hkv)
+    if Hq != Hkv:
+        k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = (torch.tanh(s / softcap) * softcap).masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
+    """Bool ``(Q, K)``: query position i sees key position j (causal: j <= i; window: i - window < j <= i, or
+    ``|i - j| < window`` when not causal, transformers' ``sliding_window``)."""
+    d = q_pos[:, None] - k_pos[None, :]
+    allowed = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
+    if window is not None:
+        allowed &= (d < window) if causal else (d.abs() < window)
+    return allowed
 
 
 def _row_masked_sdpa(
@@ -211,6 +271,8 @@ def _row_masked_sdpa(
     causal: bool,
     scale: float | None,
     block_ids: torch.Tensor | None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The packed row as one SDPA call with a ``(T, T)`` mask built on the device (no host read, so it
     traces under ``torch.compile(fullgraph=True)``): q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``.
@@ -219,18 +281,17 @@ def _row_masked_sdpa(
     T = q.shape[0]
     pos = torch.arange(T, device=q.device)
     example = torch.searchsorted(cu_seqlens.to(torch.int64), pos, right=True)  # (T,) example of each token
-    allowed = example[:, None] == example[None, :]
-    if causal:
-        allowed &= pos[:, None] >= pos[None, :]
+    # positions inside one example differ as in the row, so the window is a distance in the row
+    allowed = (example[:, None] == example[None, :]) & _visible(pos, pos, causal, window)
     if block_ids is not None:
         allowed &= (block_ids[:, None] == block_ids[None, :]) | (block_ids[:, None] == 0)
-    out = F.scaled_dot_product_attention(
+    out = _sdpa(
         q.transpose(0, 1)[None],
         k.transpose(0, 1)[None],
         v.transpose(0, 1)[None],
-        attn_mask=allowed,
+        allowed,
         scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
+        softcap=softcap,
     )  # (1, Hq, T, D)
     return out[0].transpose(0, 1)
 
@@ -243,23 +304,24 @@ def _masked_sdpa(
     *,
     causal: bool,
     scale: float | None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Padded batch or cached decoding: q ``(B, Hq, Q, D)``, k/v ``(B, Hkv, K, D)`` -> ``(B, Q, Hq, D)``.
 
-    Causality is aligned bottom-right (query i is key position i + K - Q); padded keys are masked; a query
-    that would see no key (a padding position) sees all keys instead, so its output stays finite.
+    Causality and the window are aligned bottom-right (query i is key position i + K - Q, as in transformers'
+    masks, which count cache positions); padded keys are masked; a query that would see no key (a padding
+    position) sees all keys instead, so its output stays finite.
     """
     B, _, Q, _ = query.shape
     K = key.shape[2]
-    allowed = torch.ones(B, 1, Q, K, dtype=torch.bool, device=query.device)
-    if causal:
-        allowed &= torch.ones(Q, K, dtype=torch.bool, device=query.device).tril(K - Q)
+    dev = query.device
+    allowed = _visible(torch.arange(K - Q, K, device=dev), torch.arange(K, device=dev), causal, window)
+    allowed = allowed.expand(B, 1, Q, K)
     if attention_mask is not None:
-        allowed &= attention_mask[:, None, None, -K:].bool()
-    allowed |= ~allowed.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=allowed, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
-    )
+        allowed = allowed & attention_mask[:, None, None, -K:].bool()
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    out = _sdpa(query, key, value, allowed, scale=scale, softcap=softcap)
     return out.transpose(1, 2)
 
 
@@ -297,6 +359,8 @@ def ragkern_attention_forward(
     causal = getattr(module, "is_causal", True) if causal is None else causal
     cu = kwargs.get("cu_seq_lens_q")
     block_ids = kwargs.get("block_ids")
+    # Gemma 2/3, Mistral, Qwen2/3, Phi-3 pass sliding_window (None on full-attention layers); Gemma 2 softcap
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     packed = cu is not None  # boundaries from the collator: the same tensors in every layer of the forward
 
     if cu is not None:
@@ -324,20 +388,26 @@ def ragkern_attention_forward(
         cu = torch.arange(0, (B + 1) * Q, Q, dtype=torch.int32, device=query.device)
         max_len = Q
     else:
-        _unsupported(module, K, dropout, kwargs)
-        return _masked_sdpa(query, key, value, attention_mask, causal=causal, scale=scaling), None
+        _unsupported(dropout, kwargs)
+        opts = dict(causal=causal, scale=scaling, window=window, softcap=softcap)
+        return _masked_sdpa(query, key, value, attention_mask, **opts), None
 
-    _unsupported(module, max_len, dropout, kwargs)
+    _unsupported(dropout, kwargs)
+    if window is not None and window >= max_len:
+        window = None  # the window reaches every key of the longest example: plain causal attention
     q = query.transpose(1, 2).reshape(B * Q, Hq, D)  # (T, Hq, D)
     k = key.transpose(1, 2).reshape(B * K, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * K, value.shape[1], D)
     tiles = None
     if block_ids is not None and packed and _triton_path(q) and not torch.compiler.is_compiling():
         grads = module.training or torch.is_grad_enabled()
-        cu, block_ids, tiles = _block_row(block_ids, kwargs["cu_seq_lens_q"], cu, max_len, causal, q, grads)
+        cu_arg = kwargs["cu_seq_lens_q"]
+        cu, block_ids, tiles = _block_row(block_ids, cu_arg, cu, max_len, causal, q, grads, window)
     elif block_ids is not None:
         block_ids = block_ids.reshape(-1).to(device=query.device, dtype=torch.int32)
-    opts = dict(causal=causal, scale=scaling, block_ids=block_ids, tiles=tiles)
+    opts = dict(
+        causal=causal, scale=scaling, block_ids=block_ids, tiles=tiles, window=window, softcap=softcap
+    )
     out = _packed_attention(q, k, v, cu, max_len, **opts)
     return out.reshape(B, Q, Hq, D), None
 

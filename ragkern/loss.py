@@ -13,7 +13,7 @@ from .kernels import fused_linear_cross_entropy
 logger = logging.getLogger(__name__)
 
 # Model types whose logits are exactly lm_head(final hidden states), then optional final_logit_softcapping.
-FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+FUSED_MODEL_TYPES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 _logged: set[str] = set()
 
 
@@ -165,7 +165,7 @@ def causal_lm_loss(
 
     ``fused`` selects the fused linear + cross-entropy path (``ragkern.kernels.fused_linear_cross_entropy``
     on the lm_head weight, LoRA adapters on the lm_head included, Gemma's final_logit_softcapping applied)
-    for Llama-, Mistral-, Qwen2/3- and Gemma-family models, peft-wrapped or not. Anything it cannot
+    for Llama-, Mistral-, Phi-3-, Qwen2/3- and Gemma-family models, peft-wrapped or not. Anything it cannot
     reproduce exactly falls back to the plain path, which materialises the logits, with a one-time log line.
     ``impl`` is the fused loss's design (``fused_linear_cross_entropy``'s ``impl``): ``"chunked"`` (cuBLAS
     logits of at most 256 MiB of target rows at a time), ``"triton"`` (Triton kernels that never hold logits;

@@ -84,9 +84,9 @@ def test_generation_with_kv_cache_matches_full_forward():
 
 
 def test_unsupported_model_features_raise():
-    model = tiny_model("mistral", sliding_window=4)
+    """Sliding windows and soft-capping are honoured (tests/families); attention dropout is refused."""
+    model = tiny_model("llama", attention_dropout=0.1).train()
     batch = PackingCollator()(random_examples([6, 3]))
-    with pytest.raises(NotImplementedError, match="sliding-window attention"):
+    with pytest.raises(NotImplementedError, match="attention dropout 0.1"):
         model(**{k: v for k, v in batch.items() if k != "labels"})
-    short = PackingCollator()(random_examples([3, 4]))
-    model(**{k: v for k, v in short.items() if k != "labels"})  # every example within the window: fine
+    model.eval()(**{k: v for k, v in batch.items() if k != "labels"})  # no dropout in eval: fine

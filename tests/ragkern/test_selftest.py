@@ -6,7 +6,7 @@ from ragkern.cli import main
 from ragkern.selftest import small_config
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])  # gemma2: sliding window, soft-capping
 def test_selftest_passes_on_shipped_architectures(arch, capsys):
     assert main(["selftest", "--config", arch]) == 0
     out = capsys.readouterr().out
@@ -30,8 +30,9 @@ def test_selftest_reads_a_user_config_and_keeps_its_attention_shape(tmp_path, ca
 
 
 def test_selftest_fails_with_the_reason_on_unsupported_models(capsys):
-    assert main(["selftest", "--config", "gemma2"]) == 1  # attention logit soft-capping
-    assert "FAIL  packing equivalence" in capsys.readouterr().out
+    assert main(["selftest", "--config", "gpt_oss"]) == 1  # attention sinks
+    out = capsys.readouterr().out
+    assert "FAIL  packing equivalence" in out and "s_aux" in out
 
 
 def test_selftest_model_checks_a_saved_checkpoint(tmp_path, capsys):
@@ -42,4 +43,3 @@ def test_selftest_model_checks_a_saved_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "PASS  packing equivalence" in out and "float64 one-by-one reference" in out
     assert "PASS  no leakage" in out
-

