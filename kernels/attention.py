@@ -1135,22 +1135,23 @@ def _chunk_attention(
     softcap: float | None,
     causal_square: bool,
 ) -> torch.Tensor:
-    """q ``(Hq, M, D)``, k/v ``(Hkv, N, D)``, ``allowed`` ``(M, N)`` or None -> ``(Hq, M, D)``.
+    """q ``(B, Hq, M, D)``, k/v ``(B, Hkv, N, D)``, ``allowed`` broadcasting to ``(B, 1, M, N)`` or None
+    -> ``(B, Hq, M, D)``.
 
     SDPA when no softcap; otherwise the scores explicitly (``softcap * tanh(s / softcap)`` before the mask)."""
-    Hq, Hkv = qi.shape[0], ki.shape[0]
+    Hq, Hkv = qi.shape[1], ki.shape[1]
     if softcap is None:
         return F.scaled_dot_product_attention(
-            qi[None],
-            ki[None],
-            vi[None],
+            qi,
+            ki,
+            vi,
             attn_mask=allowed,
             is_causal=causal_square and allowed is None,
             scale=scale,
             enable_gqa=Hq != Hkv,
-        )[0]
+        )
     if Hq != Hkv:
-        ki, vi = ki.repeat_interleave(Hq // Hkv, 0), vi.repeat_interleave(Hq // Hkv, 0)
+        ki, vi = ki.repeat_interleave(Hq // Hkv, 1), vi.repeat_interleave(Hq // Hkv, 1)
     s = torch.matmul(qi, ki.transpose(-1, -2))
     s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale  # fp32 at least; float64 stays float64
     s = torch.tanh(s / softcap) * softcap
@@ -1160,6 +1161,49 @@ def _chunk_attention(
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(s, dim=-1).to(vi.dtype), vi)
+
+
+_WINDOW_CHUNK = 256  # query rows per chunk of the windowed CPU path (at most; the window if smaller)
+
+
+def _banded_causal(
+    qi: torch.Tensor,
+    ki: torch.Tensor,
+    vi: torch.Tensor,
+    blocks: torch.Tensor | None,
+    scale: float,
+    window: int,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Causal sliding-window attention of one example in one batched call: q ``(Hq, L, D)``, k/v ``(Hkv, L, D)``
+    -> ``(Hq, L, D)``.
+
+    Queries in chunks of ``c = min(window, 256)`` rows; chunk ``j`` sees the ``c + window - 1`` keys ending at its
+    last row, taken as one strided view of the (front-padded) keys, so every chunk runs in a single SDPA call and
+    its backward writes each gradient once. Scores: ``L * (c + window - 1)``, not ``L^2 / 2``."""
+    Hq, L, D = qi.shape
+    chunk = min(window, _WINDOW_CHUNK)
+    n = -(-L // chunk)
+    pad = n * chunk - L
+    span = chunk + window - 1
+    dev = qi.device
+    qc = F.pad(qi, (0, 0, 0, pad)).unflatten(1, (n, chunk)).transpose(0, 1)  # (n, Hq, c, D)
+
+    def bands(x: torch.Tensor) -> torch.Tensor:  # (H, L, D) -> (n, H, span, D): chunk j's keys
+        return F.pad(x, (0, 0, window - 1, pad)).unfold(1, span, chunk).permute(1, 0, 3, 2)
+
+    i = torch.arange(chunk, device=dev)[:, None]
+    m = torch.arange(span, device=dev)[None, :]
+    back = i + window - 1 - m  # how far key m lies behind query i of the same chunk
+    allowed = ((back >= 0) & (back < window))[None]  # (1, c, span)
+    first_key = torch.arange(n, device=dev)[:, None, None] * chunk - (window - 1)
+    allowed = allowed & (first_key + m[None] >= 0)  # (n, c, span): no key before the example
+    if blocks is not None:
+        bq = F.pad(blocks, (0, pad)).view(n, chunk)
+        bk = F.pad(blocks, (window - 1, pad)).unfold(0, span, chunk)  # (n, span)
+        allowed = allowed & ((bq[:, :, None] == bk[:, None, :]) | (bq[:, :, None] == 0))
+    out = _chunk_attention(qc, bands(ki), bands(vi), allowed[:, None], scale, softcap, False)  # (n, Hq, c, D)
+    return out.transpose(0, 1).flatten(1, 2)[:, :L]
 
 
 def _example_attention(
@@ -1175,28 +1219,28 @@ def _example_attention(
 ) -> torch.Tensor:
     """One example: q ``(Hq, L, D)``, k/v ``(Hkv, L, D)``, blocks ``(L,)`` or None -> ``(Hq, L, D)``.
 
-    With a window shorter than the example, queries run in chunks of ``window`` rows, each against only the keys
-    its window reaches (``window + chunk`` of them): the cost is ``O(L * window)``, not ``O(L^2)``."""
+    With a window shorter than the example, queries run in chunks, each against only the keys its window
+    reaches: the cost is ``O(L * window)``, not ``O(L^2)`` (:func:`_banded_causal`)."""
     L = qi.shape[1]
     if window is not None and window >= L:
         window = None  # the window reaches every key: plain (block-)causal attention
     if window is None:
         allowed = None if blocks is None else block_mask(blocks, causal)
-        return _chunk_attention(qi, ki, vi, allowed, scale, softcap, causal)
+        return _chunk_attention(qi[None], ki[None], vi[None], allowed, scale, softcap, causal)[0]
+    if causal:
+        return _banded_causal(qi, ki, vi, blocks, scale, window, softcap)
     dev = qi.device
     chunk = max(window, 16)
     outs = []
-    for a in range(0, L, chunk):
+    for a in range(0, L, chunk):  # non-causal: each chunk against the keys within the window on both sides
         b = min(a + chunk, L)
-        lo = max(0, a - window + 1)
-        hi = b if causal else min(L, b + window - 1)
-        q_pos = torch.arange(a, b, device=dev)
-        k_pos = torch.arange(lo, hi, device=dev)
-        allowed = window_mask(q_pos, k_pos, window, causal)
+        lo, hi = max(0, a - window + 1), min(L, b + window - 1)
+        allowed = window_mask(torch.arange(a, b, device=dev), torch.arange(lo, hi, device=dev), window, False)
         if blocks is not None:
             bq, bk = blocks[a:b], blocks[lo:hi]
             allowed &= (bq[:, None] == bk[None, :]) | (bq[:, None] == 0)
-        outs.append(_chunk_attention(qi[:, a:b], ki[:, lo:hi], vi[:, lo:hi], allowed, scale, softcap, False))
+        sub = (qi[None, :, a:b], ki[None, :, lo:hi], vi[None, :, lo:hi])
+        outs.append(_chunk_attention(*sub, allowed, scale, softcap, False)[0])
     return torch.cat(outs, dim=1)
 
 
