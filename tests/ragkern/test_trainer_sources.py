@@ -1,7 +1,5 @@
 """RagTrainer: loss normalisation (token / example / source), per-source accuracy, per-epoch RAFT re-sampling."""
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ from ragkern import PackingCollator, RagTrainer
 from ragkern.data import RaftBuilder, RaftEpochDataset
 from ragkern.loss import causal_lm_loss
 from ragkern.packing import pack_lengths
-from tests.ragkern.tiny import GradCapture, raft_qa, random_examples, tiny_model, word_tokenizer
+from tests.ragkern.tiny import GradCapture, Recording, raft_qa, random_examples, tiny_model, word_tokenizer
 from tests.ragkern.tiny import trainer_args as args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,17 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def max_rel_diff(a, b):
     assert a.keys() == b.keys() and a
     return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in a)
-
-
-@dataclass
-class Recording(PackingCollator):
-    """A PackingCollator that keeps the input_ids of every example of every batch it collates."""
-
-    seen: list = field(default_factory=list)
-
-    def __call__(self, examples):
-        self.seen.append([tuple(e["input_ids"]) for e in examples])
-        return super().__call__(examples)
 
 
 def tagged_examples():

@@ -1,9 +1,12 @@
 """Tiny models, tokenizers and examples for tests, built from configs (nothing is downloaded)."""
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import ragkern  # noqa: F401  (registers the "ragkern" attention)
+from ragkern import PackingCollator
 from ragkern.data import build_word_tokenizer
 
 WORDS = (
@@ -159,3 +162,14 @@ def plain_trainer_step(tmp_path, model, examples, **kw):
     )
     trainer.train()
     return trainer, capture.grads
+
+
+@dataclass
+class Recording(PackingCollator):
+    """A PackingCollator that keeps the input_ids of every example of every batch it collates."""
+
+    seen: list = field(default_factory=list)
+
+    def __call__(self, examples):
+        self.seen.append([tuple(e["input_ids"]) for e in examples])
+        return super().__call__(examples)

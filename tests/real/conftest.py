@@ -21,19 +21,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def smollm2_path():
-    """The plain checkpoint folder (converted on first use)."""
-    from ragkern.gguf import GGUFError, smollm2_checkpoint
-
-    try:
-        return smollm2_checkpoint()
-    except GGUFError as e:
-        if os.environ.get("RAGKERN_REQUIRE_REAL") == "1":
-            raise
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
