@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -46,7 +47,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import RESULTS, write_results  # noqa: E402
 
 ARMS = ("base", "dsf", "raft", "dap_raft", "hybrid", "dap_hybrid")
-ABSTAIN = ("not", "no ", "unknown", "cannot", "none")  # an answer saying the passages do not hold it
+# an answer saying the passages do not hold it (whole words: "another" is not "not")
+ABSTAIN = re.compile(r"\b(not|no|unknown|cannot|none)\b", re.IGNORECASE)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,7 +285,7 @@ def evaluate_arm(model, tokenizer, world, sets: dict[str, list[dict]], args) -> 
             _invented(p, r, values[r["relation"]]) for p, r in zip(preds, sets["no_oracle"])
         )
         / n,
-        "abstained": sum(any(w in p.lower() for w in ABSTAIN) for p in preds) / n,
+        "abstained": sum(bool(ABSTAIN.search(p)) for p in preds) / n,
     }
     m = answers(sets["update"])
     preds = [p["prediction"] for p in m["predictions"]]

@@ -1126,19 +1126,21 @@ def _check_window(window: int | None, softcap: float | None) -> None:
         raise ValueError(f"softcap must be a positive number or None; got {softcap!r}")
 
 
-def _chunk_attention(
+def masked_attention(
     qi: torch.Tensor,
     ki: torch.Tensor,
     vi: torch.Tensor,
     allowed: torch.Tensor | None,
     scale: float,
     softcap: float | None,
-    causal_square: bool,
+    causal_square: bool = False,
 ) -> torch.Tensor:
-    """q ``(B, Hq, M, D)``, k/v ``(B, Hkv, N, D)``, ``allowed`` broadcasting to ``(B, 1, M, N)`` or None
-    -> ``(B, Hq, M, D)``.
+    """Attention under an explicit mask: q ``(B, Hq, M, D)``, k/v ``(B, Hkv, N, D)``, ``allowed`` bool broadcasting
+    to ``(B, 1, M, N)`` or None -> ``(B, Hq, M, D)``; ``causal_square`` with no mask: causal over M = N.
 
-    SDPA when no softcap; otherwise the scores explicitly (``softcap * tanh(s / softcap)`` before the mask)."""
+    SDPA when no softcap; otherwise the scores explicitly (``softcap * tanh(s / softcap)`` before the mask, softmax
+    in fp32 at least, as eager attention), since SDPA has no soft-capping. The CPU path's building block, shared
+    with ``ragkern.attention`` (padded batches, decoding)."""
     Hq, Hkv = qi.shape[1], ki.shape[1]
     if softcap is None:
         return F.scaled_dot_product_attention(
@@ -1202,7 +1204,7 @@ def _banded_causal(
         bq = F.pad(blocks, (0, pad)).view(n, chunk)
         bk = F.pad(blocks, (window - 1, pad)).unfold(0, span, chunk)  # (n, span)
         allowed = allowed & ((bq[:, :, None] == bk[:, None, :]) | (bq[:, :, None] == 0))
-    out = _chunk_attention(qc, bands(ki), bands(vi), allowed[:, None], scale, softcap, False)  # (n, Hq, c, D)
+    out = masked_attention(qc, bands(ki), bands(vi), allowed[:, None], scale, softcap, False)  # (n, Hq, c, D)
     return out.transpose(0, 1).flatten(1, 2)[:, :L]
 
 
@@ -1226,7 +1228,7 @@ def _example_attention(
         window = None  # the window reaches every key: plain (block-)causal attention
     if window is None:
         allowed = None if blocks is None else block_mask(blocks, causal)
-        return _chunk_attention(qi[None], ki[None], vi[None], allowed, scale, softcap, causal)[0]
+        return masked_attention(qi[None], ki[None], vi[None], allowed, scale, softcap, causal)[0]
     if causal:
         return _banded_causal(qi, ki, vi, blocks, scale, window, softcap)
     dev = qi.device
@@ -1240,7 +1242,7 @@ def _example_attention(
             bq, bk = blocks[a:b], blocks[lo:hi]
             allowed &= (bq[:, None] == bk[None, :]) | (bq[:, None] == 0)
         sub = (qi[None, :, a:b], ki[None, :, lo:hi], vi[None, :, lo:hi])
-        outs.append(_chunk_attention(*sub, allowed, scale, softcap, False)[0])
+        outs.append(masked_attention(*sub, allowed, scale, softcap, False)[0])
     return torch.cat(outs, dim=1)
 
 

@@ -32,13 +32,12 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ragkern.kernels import attention as _kernel
-from ragkern.kernels.attention import BlockTiles, block_tiles, varlen_attention
+from ragkern.kernels.attention import BlockTiles, block_tiles, varlen_attention, window_mask
 from ragkern.packing import cu_seqlens_from_position_ids
 
 try:  # optional: the `gpu` extra
@@ -239,27 +238,11 @@ def _sdpa(
     scale: float | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """q ``(B, Hq, Q, D)``, k/v ``(B, Hkv, K, D)``, ``allowed`` bool broadcastable to ``(B, Hq, Q, K)`` ->
-    ``(B, Hq, Q, D)``. SDPA has no soft-capping: with ``softcap`` the scores are computed explicitly
-    (``softcap * tanh(s / softcap)`` after scaling, before the mask), softmax in fp32 as eager attention."""
-    Hq, Hkv = q.shape[1], k.shape[1]
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=Hq != Hkv)
-    if Hq != Hkv:
-        k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)
-    s = (torch.tanh(s / softcap) * softcap).masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
-
-
-def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
-    """Bool ``(Q, K)``: query position i sees key position j (causal: j <= i; window: i - window < j <= i, or
-    ``|i - j| < window`` when not causal, transformers' ``sliding_window``)."""
-    d = q_pos[:, None] - k_pos[None, :]
-    allowed = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
-    if window is not None:
-        allowed &= (d < window) if causal else (d.abs() < window)
-    return allowed
+    """q ``(B, Hq, Q, D)``, k/v ``(B, Hkv, K, D)``, ``allowed`` bool broadcastable to ``(B, 1, Q, K)`` ->
+    ``(B, Hq, Q, D)``: the kernel module's masked attention (SDPA; with ``softcap`` the scores explicitly, since
+    SDPA has no soft-capping)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _kernel.masked_attention(q, k, v, allowed, scale, softcap)
 
 
 def _row_masked_sdpa(
@@ -282,7 +265,7 @@ def _row_masked_sdpa(
     pos = torch.arange(T, device=q.device)
     example = torch.searchsorted(cu_seqlens.to(torch.int64), pos, right=True)  # (T,) example of each token
     # positions inside one example differ as in the row, so the window is a distance in the row
-    allowed = (example[:, None] == example[None, :]) & _visible(pos, pos, causal, window)
+    allowed = (example[:, None] == example[None, :]) & window_mask(pos, pos, window, causal)
     if block_ids is not None:
         allowed &= (block_ids[:, None] == block_ids[None, :]) | (block_ids[:, None] == 0)
     out = _sdpa(
@@ -316,7 +299,7 @@ def _masked_sdpa(
     B, _, Q, _ = query.shape
     K = key.shape[2]
     dev = query.device
-    allowed = _visible(torch.arange(K - Q, K, device=dev), torch.arange(K, device=dev), causal, window)
+    allowed = window_mask(torch.arange(K - Q, K, device=dev), torch.arange(K, device=dev), window, causal)
     allowed = allowed.expand(B, 1, Q, K)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, -K:].bool()

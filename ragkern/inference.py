@@ -197,6 +197,11 @@ def encode_passage(model: torch.nn.Module, input_ids: torch.Tensor | list[int]) 
     if ids.numel() == 0:
         raise ValueError("a passage needs at least one token")
     cache = DynamicCache(config=model.config)
+    if any(type(x) is not DynamicLayer for x in cache.layers):
+        raise NotImplementedError(
+            "passage cache reuse needs a plain dynamic cache (no sliding-window or hybrid layers): a sliding "
+            "layer keeps only its window's keys"
+        )
     model(input_ids=ids[None], use_cache=True, **{_cache_kwarg(model): cache})
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, Hkv, L, D)
     values = torch.stack([layer.values[0] for layer in cache.layers])

@@ -24,6 +24,7 @@ from .gguf import name_by_hub_id
 from .loss import causal_lm_loss, logits_token_loss
 from .metrics import PackedMetrics
 from .modeling import (
+    BOUNDARY_AWARE_ATTENTION,  # noqa: F401  (kept importable from here, where it lived)
     apply_fused_lora,
     get_peft_model_quietly,
     load_model,
@@ -31,7 +32,13 @@ from .modeling import (
     wrap_peft,
 )
 from .neftune import PackedNEFTune
-from .normalization import require_source_ids, source_weight_vector, step_divisors, token_weights
+from .normalization import (
+    LOSS_NORMALIZATIONS,  # noqa: F401  (kept importable from here, where it lived)
+    require_source_ids,
+    source_weight_vector,
+    step_divisors,
+    token_weights,
+)
 from .packing import PackedBatchSampler, PackedIterableDataset, stream_dataloader
 from .training_args import RagTrainingArguments, as_rag_args, sampling_strategy
 

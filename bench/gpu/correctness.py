@@ -49,7 +49,17 @@ def _blocks(lengths: list[int], g: torch.Generator) -> torch.Tensor:
     return torch.cat(out)
 
 
-def attention_case(ctx: Ctx, dtype: str, head_dim: int, blocks: bool, causal: bool = True) -> dict:
+def attention_case(
+    ctx: Ctx,
+    dtype: str,
+    head_dim: int,
+    blocks: bool,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> dict:
+    """Triton attention (output and the three gradients) vs the float64 reference; ``window``/``softcap``: a
+    sliding window (Mistral/Gemma) and a logit soft-cap (Gemma 2)."""
     from ragkern.kernels import varlen_attention
     from ragkern.kernels.attention import varlen_attention_reference
 
@@ -62,7 +72,7 @@ def attention_case(ctx: Ctx, dtype: str, head_dim: int, blocks: bool, causal: bo
     do = _randn(g, T, Hq, head_dim).to(ctx.device, dt)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=ctx.device)
     blk = _blocks(lengths, g).to(ctx.device) if blocks else None
-    opts = dict(causal=causal, block_ids=blk)
+    opts = dict(causal=causal, block_ids=blk, window=window, softcap=softcap)
 
     def run(fn, leaves, **kw):
         leaves = [x.detach().clone().requires_grad_() for x in leaves]
@@ -367,6 +377,15 @@ def plan(ctx: Ctx) -> list[tuple[str, object, dict, bool]]:
             for blocks in (False, True):
                 cases.append((f"attention {dtype} D={D} {'blocks' if blocks else 'causal'}", attention_case,
                               dict(dtype=dtype, head_dim=D, blocks=blocks), True))  # fmt: skip
+        if dtype == ("fp32" if ctx.dry else "bf16"):  # windows (edge inside tiles) and Gemma 2's soft-cap
+            D_w = dims[-1] if ctx.dry else 128
+            for name, extra in (
+                (f"D={D_w} window", dict(head_dim=D_w, blocks=False, window=13 if ctx.dry else 77)),
+                (f"D={D_w} blocks window", dict(head_dim=D_w, blocks=True, window=13 if ctx.dry else 77)),
+                (f"D={dims[-1]} window softcap", dict(head_dim=dims[-1], blocks=False, window=9 if ctx.dry else 200,
+                                                      softcap=5.0)),
+            ):  # fmt: skip
+                cases.append((f"attention {dtype} {name}", attention_case, dict(dtype=dtype, **extra), True))
         if not ctx.quick and dtype == ("fp32" if ctx.dry else "bf16"):
             cases.append((f"attention {dtype} D={dims[-1] if ctx.dry else 128} non-causal", attention_case,
                           dict(dtype=dtype, head_dim=dims[-1] if ctx.dry else 128, blocks=False, causal=False), True))  # fmt: skip

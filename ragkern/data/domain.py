@@ -6,7 +6,7 @@ colour it turns there, its storage vessel, its stabiliser, its hazard rating), s
 the trade's own style and terminology::
 
     Compendium entry: Velkrine. Velkrine is a reagent of the Veldmark trade, first isolated by the Harrow Guild
-    in the year 1712 of the Reckoning. Dissolved in tarspirit it turns amber ...
+    in the year 1712 of the Reckoning. Dissolved in tarspirit it turns saffron ...
     Handling notice for Velkrine. Keep Velkrine in a lead urn. Stabilise it with thornsalt ...
 
 Each fact is stated in exactly one document (the compendium entry holds the guild, year, solvent and colour;
@@ -45,7 +45,7 @@ SOLVENTS = (
     "salt dew", "kiln water",
 )  # fmt: skip
 COLOURS = (
-    "amber", "teal", "crimson", "violet", "ochre", "indigo", "scarlet", "olive", "silver", "coral", "maroon",
+    "saffron", "teal", "crimson", "violet", "ochre", "indigo", "scarlet", "olive", "silver", "coral", "maroon",
     "jade",
 )  # fmt: skip
 VESSELS = (

@@ -62,12 +62,12 @@ def _bullets(response: str, spec: dict) -> bool:
 
 
 def _bullet_items(answer: str, n: int) -> str:
+    """``answer`` as ``n`` bullets of consecutive words (a short answer's last word repeated to fill them)."""
     words = _words(answer) or [answer.strip() or "-"]
-    parts = (
-        [" ".join(words[i::n]) for i in range(n)]
-        if len(words) >= n
-        else words + [words[-1]] * (n - len(words))
-    )
+    if len(words) < n:
+        words = words + [words[-1]] * (n - len(words))
+    size = -(-len(words) // n)
+    parts = [" ".join(words[i * size : (i + 1) * size]) or words[-1] for i in range(n)]
     return "\n".join(f"- {p}" for p in parts)
 
 
@@ -198,8 +198,13 @@ def instruction_records(
     for i in range(n):
         prompt, answer = _task(rng)
         spec = draw_instruction(rng, types)
+        if (
+            spec["type"] == "max_words"
+        ):  # a limit the whole answer fits in: the target is the answer, not a cut
+            spec["n"] = max(spec["n"], len(_words(answer)))
         response = apply_instruction(answer, spec)
-        assert follows(response, spec), (response, spec)  # the generator's own responses follow what they ask
+        if not follows(response, spec):  # the generator's own responses must follow what they ask
+            raise RuntimeError(f"instruction {spec} made a response that does not follow it: {response!r}")
         records.append(
             {
                 "id": f"inst-{seed}-{i}",

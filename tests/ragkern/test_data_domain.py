@@ -48,6 +48,20 @@ def test_each_fact_is_stated_in_exactly_its_oracle_document(world):
             assert not stated or split == "update", qa["id"]
 
 
+def test_no_value_is_a_word_of_another_relation_or_of_the_templates():
+    """So a value found in a document is that document's fact, whatever the seed (e.g. no colour "amber" beside
+    a vessel "amber flask")."""
+    from ragkern.data import domain
+
+    templates = [t for ts in domain._FILLER.values() for t in ts] + list(domain._TITLES.values())
+    templates += [t for _, ts in domain._COMPENDIUM + domain._HANDLING for t in ts]
+    for relation, (values, _, _) in RELATIONS.items():
+        others = [v for r, (vs, _, _) in RELATIONS.items() if r != relation for v in vs] + templates
+        for value in values:
+            word = re.compile(rf"\b{re.escape(value)}\b", re.IGNORECASE)
+            assert not any(word.search(o) for o in others), (relation, value)
+
+
 def test_splits_are_disjoint_and_cover_the_reagents(world):
     train_q = {q["question"] for q in world.qa["train"]}
     assert not train_q & {q["question"] for q in world.qa["heldout_q"]}
