@@ -37,6 +37,10 @@ def bm25_tokens(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+# BM25 ranks kept per question beyond the hard pool (room for the excluded oracle passages).
+_RANK_MARGIN = 64
+
+
 class RaftBuilder:
     """Turns QA records into RAFT records against a fixed corpus (see the module docstring).
 
@@ -96,21 +100,34 @@ class RaftBuilder:
             if t.strip() in texts or (pid is not None and pid in ids)
         }
 
-    def _ranked(self, question: str) -> np.ndarray:
-        """Corpus indices by decreasing BM25 score for the question (cached per question)."""
-        if question not in self._pools:
-            if self._bm25 is None:
-                from rank_bm25 import BM25Okapi
+    def _ranked(self, question: str, top: int | None) -> np.ndarray:
+        """The ``top`` corpus indices (all with None) by decreasing BM25 score for the question, ties in corpus
+        order: the prefix of a stable argsort. The top ``hard_pool + _RANK_MARGIN`` are cached per question
+        (reused across epochs), so the cache stays small on a large corpus."""
+        if top is not None and question in self._pools:
+            return self._pools[question]
+        if self._bm25 is None:
+            from rank_bm25 import BM25Okapi
 
-                self._bm25 = BM25Okapi([bm25_tokens(t) for t in self.texts])
-            scores = self._bm25.get_scores(bm25_tokens(question))
-            self._pools[question] = np.argsort(-scores, kind="stable")
-        return self._pools[question]
+            self._bm25 = BM25Okapi([bm25_tokens(t) for t in self.texts])
+        scores = self._bm25.get_scores(bm25_tokens(question))
+        if top is None or top >= len(scores):
+            ranked = np.argsort(-scores, kind="stable")
+        else:  # every index scoring at least the top-th score, stably sorted: the stable argsort's prefix
+            threshold = np.partition(scores, len(scores) - top)[len(scores) - top]
+            candidates = np.flatnonzero(scores >= threshold)
+            ranked = candidates[np.argsort(-scores[candidates], kind="stable")][:top]
+        if top is not None:
+            self._pools[question] = ranked
+        return ranked
 
     def _distractors(self, question: str, exclude: set[int], k: int, rng: np.random.Generator) -> list[int]:
         if self.negatives == "bm25":
-            ranked = [int(i) for i in self._ranked(question) if int(i) not in exclude]
-            pool = ranked[: max(self.hard_pool, k)]
+            want = max(self.hard_pool, k)
+            top = self._ranked(question, want + _RANK_MARGIN)
+            pool = [int(i) for i in top if int(i) not in exclude][:want]
+            if len(pool) < want and len(top) < len(self.texts):  # many excluded: rank the whole corpus
+                pool = [int(i) for i in self._ranked(question, None) if int(i) not in exclude][:want]
         else:
             pool = [i for i in range(len(self.texts)) if i not in exclude]
         if len(pool) < k:

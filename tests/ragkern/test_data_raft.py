@@ -150,3 +150,29 @@ def test_epoch_dataset_resamples_every_epoch():
     ds.build_epoch(0)
     assert [list(e["input_ids"]) for e in ds.examples] == first
     assert ds.lengths_for_epoch(1) == [len(x) for x in second]
+
+
+def test_bm25_keeps_a_bounded_ranking_per_question_and_draws_as_a_full_ranking_would(monkeypatch):
+    """The per-question cache holds the top hard_pool + margin passages, not a corpus-sized ranking, and the
+    draws equal those from a full stable ranking: with BM25 ties (many passages share a word or score zero) and
+    with more oracle passages excluded than the margin leaves room for (the whole corpus is ranked then)."""
+    import ragkern.data.raft as raft_mod
+
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(30)]
+    corpus = [" ".join(rng.choice(words, size=6)) for _ in range(400)] + ["same words here"] * 50
+    qa = [
+        {"question": " ".join(rng.choice(words, size=3)), "answer": "a", "oracle_passages": [corpus[i]]}
+        for i in range(0, 400, 7)
+    ]
+    qa.append({"question": "same words", "answer": "a", "oracle_passages": ["same words here"]})  # 50 excluded
+    for margin in (raft_mod._RANK_MARGIN, 2):
+        monkeypatch.setattr(raft_mod, "_RANK_MARGIN", margin)
+        bounded = RaftBuilder(corpus, num_distractors=4, negatives="bm25", hard_pool=8, seed=1)
+        full = RaftBuilder(corpus, num_distractors=4, negatives="bm25", hard_pool=8, seed=1)
+        monkeypatch.setattr(full, "_ranked", lambda q, top, b=full: RaftBuilder._ranked(b, q, None))
+        for epoch in (0, 1):  # the second epoch reads the cache
+            assert [bounded.build(r, index=i, epoch=epoch) for i, r in enumerate(qa)] == [
+                full.build(r, index=i, epoch=epoch) for i, r in enumerate(qa)
+            ]
+        assert max(len(v) for v in bounded._pools.values()) == 8 + margin < len(corpus)
