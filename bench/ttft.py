@@ -27,7 +27,6 @@ trained here unless --demo-dir names a finished run).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -184,6 +183,7 @@ def main():
         prefill_batch,
         save_caches,
     )
+    from ragkern.modeling import forward_names
 
     path = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -205,7 +205,7 @@ def main():
     for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         save_caches(tmp / f"{label}.safetensors", caches, dtype=dtype)
         stores[label] = load_caches(tmp / f"{label}.safetensors", model=model)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = forward_names(model)[0]
 
     def full(n):
         x = torch.tensor([cases[n]["ids"]])

@@ -30,7 +30,6 @@ Scoring, per record:
 
 from __future__ import annotations
 
-import inspect
 import re
 import string
 from collections import Counter, defaultdict
@@ -41,6 +40,7 @@ from transformers import DynamicCache
 
 from .data import render_prompt
 from .data.encode import raft_target
+from .modeling import forward_names
 
 ORACLE_PRESENT, DISTRACTORS_ONLY, UNLABELLED = "oracle_present", "distractors_only", "unlabelled"
 
@@ -133,14 +133,6 @@ def prompt_text(record: dict, tokenizer) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _forward_names(model: torch.nn.Module) -> tuple[str, bool]:
-    """The forward's name for the KV cache (``cache`` in newer transformers 5.x, ``past_key_values`` before),
-    and whether it takes ``logits_to_keep``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
-
-
 @torch.no_grad()
 def _greedy_batch(
     model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int, stop: set[int], pad_id: int
@@ -153,7 +145,7 @@ def _greedy_batch(
     every row has stopped or after ``max_new_tokens``.
     """
     device = next(model.parameters()).device
-    cache_name, keep = _forward_names(model)
+    cache_name, keep = forward_names(model)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)

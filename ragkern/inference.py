@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import weakref
@@ -52,6 +51,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from .modeling import forward_names
 
 _STATIC_ROPE = (None, "default", "linear", "llama3")
 _STORE_FORMAT = "ragkern-passage-store-2"
@@ -132,14 +133,7 @@ class PassageCache:
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward's name for the KV cache: ``cache`` in newer transformers 5.x, ``past_key_values`` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return forward_names(model)[0]
 
 
 def _rotary(model: torch.nn.Module) -> torch.nn.Module:
@@ -551,7 +545,7 @@ def prefill_batch(
             mask = torch.zeros(B, 1, qe - qs, ke, dtype=dtype, device=device)
             plan.append((qs, qe, ke, mask.masked_fill_(~allowed[:, :, qs:qe, :ke], fill)))
 
-    extra = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    extra = {"logits_to_keep": 1} if forward_names(model)[1] else {}
     with torch.profiler.record_function("ragkern.prefill.forward"), _attention(model, PREFILL_ATTENTION):
         out = model(
             input_ids=q_ids.to(device),

@@ -3,6 +3,7 @@ apart, with peft LoRA layers on the fused kernel."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 
@@ -15,6 +16,14 @@ logger = logging.getLogger(__name__)
 
 # Attention implementations that read the collator's cu_seq_lens_* and so keep packed examples apart.
 BOUNDARY_AWARE_ATTENTION = (RAGKERN_ATTENTION, "flash_attention_2", "flash_attention_3")
+
+
+def forward_names(model: torch.nn.Module) -> tuple[str, bool]:
+    """The forward's name for the KV cache (``cache`` in newer transformers 5.x, ``past_key_values`` before), and
+    whether it takes ``logits_to_keep``; a peft model answers for its base model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
 def use_boundary_aware_attention(model: torch.nn.Module, wanted: str) -> None:
