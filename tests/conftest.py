@@ -19,3 +19,15 @@ def smollm2_path():
         if os.environ.get("RAGKERN_REQUIRE_REAL") == "1":
             raise
         pytest.skip(str(e))
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The keyword arguments of each fused-kernel call of ``causal_lm_loss`` (none: it fell back to the plain
+    loss), so a silent fallback cannot pass as the fused path."""
+    from ragkern import loss
+
+    calls = []
+    real = loss.fused_linear_cross_entropy
+    monkeypatch.setattr(loss, "fused_linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls

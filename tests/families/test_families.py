@@ -164,17 +164,6 @@ def test_an_edit_reaches_no_further_than_the_windows(family):
 # (c) the fused loss
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The keyword arguments of each fused-kernel call (none means causal_lm_loss fell back to the plain loss)."""
-    calls = []
-    real = loss_mod.fused_linear_cross_entropy
-    monkeypatch.setattr(
-        loss_mod, "fused_linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k)
-    )
-    return calls
-
-
 def grads_of(model) -> dict:
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

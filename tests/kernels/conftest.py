@@ -78,3 +78,41 @@ def poisoned_outputs(monkeypatch):
     ``torch`` name is patched, not ``torch`` itself: tests and references allocate as usual."""
     for name in _KERNEL_MODULES:
         monkeypatch.setattr(importlib.import_module(name), "torch", PoisonedTorch())
+
+
+@pytest.fixture
+def exact_half_dot(monkeypatch):
+    """The interpreter's ``tl.dot`` on bf16 multiplies the raw 16-bit patterns (numpy has no bf16; DESIGN.md), and
+    on fp16 runs numpy's slow generic loop. Widen 16-bit operands to fp32 first: exact (bf16 -> fp32 is a 16-bit
+    shift, fp16 -> fp32 exact), and a product of two 16-bit values is exact in fp32, so the fp32-accumulated dot
+    is the one a tensor core computes (up to summation order), at BLAS speed. A no-op without triton."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    import numpy as np
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype == tl.bfloat16:
+            return (x.data.astype(np.uint32) << 16).view(np.float32)
+        return x.data.astype(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if d.data.dtype == np.float32 and all(x.dtype in (tl.bfloat16, tl.float16) for x in (a, b)):
+            return interpreter.TensorHandle(np.matmul(widen(a), widen(b)) + d.data, d.dtype.scalar)
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.fixture(scope="session")
+def aot_records():
+    """One record per (config, arch) of every kernel module's ``aot_specs()``, compiled for sm_80 and sm_90 once
+    per session (minutes on a cold Triton cache); raises ``AotError`` listing every failure."""
+    pytest.importorskip("triton")
+    from ragkern.kernels import _aot
+
+    return _aot.compile_modules(archs=_aot.ARCHS, strict=True)

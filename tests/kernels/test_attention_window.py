@@ -7,7 +7,6 @@ the window.
 Interpreter tiles are 16 x 16, so windows of 1, 5, 16, 17 ... put the window's edge inside, on and across tiles.
 """
 
-import numpy as np
 import pytest
 import torch
 from ragkern.kernels import attention as attn_mod
@@ -16,46 +15,13 @@ from ragkern.kernels.attention import block_mask, varlen_attention_reference, wi
 
 from tests.kernels.test_attention import cu_of, make_inputs, rel
 
-pytestmark = pytest.mark.skipif(attn_mod.triton is None, reason="triton is not installed")
+pytestmark = [
+    pytest.mark.skipif(attn_mod.triton is None, reason="triton is not installed"),
+    pytest.mark.usefixtures("exact_half_dot"),
+]
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(autouse=True)
-def nan_empty(monkeypatch):
-    """Outputs allocated with torch.empty / empty_like start as NaN, so an element the kernel skips fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
-
-
-@pytest.fixture(autouse=True)
-def exact_half_dot(monkeypatch):
-    """The interpreter's tl.dot on bf16 multiplies the raw 16-bit patterns (numpy has no bf16; DESIGN.md), and on
-    fp16 runs numpy's slow generic loop. Widen 16-bit operands to fp32 first: exact (bf16 -> fp32 is a 16-bit shift,
-    fp16 -> fp32 exact), and a product of two 16-bit values is exact in fp32, so the fp32-accumulated dot is the one
-    a tensor core computes (up to summation order)."""
-    interpreter = pytest.importorskip("triton.runtime.interpreter")
-    import triton.language as tl
-
-    dot = interpreter.InterpreterBuilder.create_dot
-
-    def widen(x):
-        if x.dtype == tl.bfloat16:
-            return (x.data.astype(np.uint32) << 16).view(np.float32)
-        return x.data.astype(np.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if d.data.dtype == np.float32 and all(x.dtype in (tl.bfloat16, tl.float16) for x in (a, b)):
-            return interpreter.TensorHandle(np.matmul(widen(a), widen(b)) + d.data, d.dtype.scalar)
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
 def naive(q, k, v, lengths, block_ids, scale, window, softcap):

@@ -11,6 +11,8 @@ from ragkern.kernels import cross_entropy as ce_mod
 from ragkern.kernels import fused_linear_cross_entropy
 from ragkern.kernels.cross_entropy import fused_linear_cross_entropy_reference
 
+pytestmark = pytest.mark.usefixtures("exact_half_dot")  # fp16 tiles at BLAS speed in the interpreter
+
 IGNORE = -100
 
 
@@ -90,27 +92,6 @@ def check_tensors(hidden, weight, b, labels, w, *, backend, impl=None, seed=0, a
         )
         errors[name] = (got.double() - want).abs().max().item()
     return errors
-
-
-@pytest.fixture(autouse=True)
-def fast_half_dot(monkeypatch):
-    """Speed only: the interpreter multiplies fp16 tiles with numpy's generic loop (no BLAS). Products of
-    fp16 values are exact in fp32, so a BLAS product of fp32 copies is the same fp32-accumulated dot."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    import numpy as np
-
-    dot = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.data.dtype == np.float16 and b.data.dtype == np.float16 and d.data.dtype == np.float32:
-            prod = np.matmul(a.data.astype(np.float32), b.data.astype(np.float32))
-            return interpreter.TensorHandle(prod + d.data, d.dtype.scalar)
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
 @pytest.fixture
@@ -260,15 +241,12 @@ def test_triton_interpreter(case):
     check(N, H, 1003 if "fp16" not in case else 333, backend="triton", seed=len(case), **opts)
 
 
-@pytest.mark.slow  # several minutes on a cold Triton cache (two cores), seconds once cached
-def test_aot_compiles():
+@pytest.mark.slow  # minutes on a cold Triton cache (two cores); the compile is shared with test_aot.py
+def test_aot_compiles(aot_records):
     """Every launched configuration compiles for sm_80 and sm_90 with no register spills; HGMMA on sm_90
     wherever the dot may use tensor cores (everything but fp32 under IEEE precision; the chunked path's row
     kernel has no dot)."""
-    pytest.importorskip("triton")
-    from ragkern.kernels._aot import compile_modules
-
-    records = compile_modules(["ragkern.kernels.cross_entropy"], archs=(80, 90))
+    records = [r for r in aot_records if r["kernel"].startswith("flce_")]
     assert len(records) == 2 * len(ce_mod.aot_specs()) == 106
     assert {r["kernel"] for r in records} == {"flce_fwd", "flce_bwd_dh", "flce_bwd_dw", "flce_rows"}
     spilled = [(r["kernel"], r["config"], r["arch"], r["stack_bytes"]) for r in records if r["stack_bytes"]]

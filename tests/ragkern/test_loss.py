@@ -56,17 +56,6 @@ def with_predicted_targets(model, batch):
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts fused-kernel calls, so a silent fallback cannot pass as the fused path."""
-    calls = []
-    real = loss_mod.fused_linear_cross_entropy
-    monkeypatch.setattr(
-        loss_mod, "fused_linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k)
-    )
-    return calls
-
-
-@pytest.fixture
 def triton_backend(monkeypatch):
     """The fused loss on the triton backend, as on CUDA (the chunked path's row kernel in the interpreter);
     returns the keyword arguments of each call."""

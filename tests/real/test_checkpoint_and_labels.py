@@ -117,5 +117,7 @@ def test_convert_gguf_command_writes_a_loadable_checkpoint(tmp_path, smollm2_mod
     w = model.model.layers[3].self_attn.q_proj.weight
     assert torch.equal(w, smollm2_model.model.layers[3].self_attn.q_proj.weight.to(torch.bfloat16))
     tok = AutoTokenizer.from_pretrained(out)
-    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
