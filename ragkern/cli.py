@@ -131,6 +131,58 @@ def _convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from .gguf import load_causal_lm
+    from .synth import SynthConfig, load_template, synthesize
+
+    if not os.path.exists(os.path.expanduser(args.corpus)):
+        raise CliError(
+            f"CORPUS {args.corpus!r}: no such file or folder (a .jsonl of {{text}} or a folder of .txt/.md)"
+        )
+    options = {
+        name: getattr(args, name)
+        for name in (
+            "chunk_tokens", "overlap", "min_tokens", "questions", "reasoning", "batch_size", "question_tokens",
+            "answer_tokens", "min_question_words", "max_question_words", "max_answer_words", "grounding", "min_grounding",
+            "near_duplicate", "num_distractors", "p_oracle", "heldout_fraction", "distractor_pool", "seed",
+        )
+    }  # fmt: skip
+    if args.question_template:
+        options["question_template"] = load_template(args.question_template)
+    if args.answer_template:
+        options["answer_template"] = load_template(args.answer_template)
+    config = SynthConfig(**options)  # a bad value is a ValueError naming it
+    model_dir = _model_dir(args.model)
+    if args.tokenizer:
+        tokenizer = _tokenizer(args.tokenizer)
+    else:
+        fix = "pass the model's tokenizer with --tokenizer PATH (a tokenizer folder or a hub id)"
+        tokenizer = load_tokenizer(model_dir, "--model", fix)
+    model = load_causal_lm(model_dir).to(args.device)
+    name = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir
+    report = synthesize(
+        args.corpus,
+        args.out,
+        tokenizer=tokenizer,
+        model=model,
+        config=config,
+        model_name=name,
+        restart=args.restart,
+    )
+    dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items() if v) or "none"
+    print(
+        f"{report['chunks']} chunks from {report['documents']} documents ({report['chunks_too_short']} too short, "
+        f"{report['chunks_resumed']} resumed); {report['candidates']} questions, {report['kept']} kept "
+        f"({report['kept_per_chunk']:.2f} per chunk); dropped: {dropped}"
+    )
+    print(
+        f"wrote {report['train']} training records to {report['files']['train']}, {report['heldout']} held-out "
+        f"to {report['files']['heldout']}, {report['files']['report']}"
+    )
+    print(f"train: ragkern train --config {report['files']['config']}")
+    return 0
+
+
 def _format_pack_stats(stats: dict, max_length: int, width: int = 40) -> str:
     """The text report of :func:`ragkern.data.pack_stats`: histogram, fill ratios, length policy counts."""
     counts, edges = stats["histogram"]["counts"], stats["histogram"]["edges"]
@@ -352,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cg.set_defaults(func=_convert_gguf)
 
+    _add_synth_parser(sub)
+
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub.add_parser(
         "train",
@@ -364,6 +418,109 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     return parser
+
+
+def _add_synth_parser(sub) -> None:
+    from .synth import SynthConfig
+
+    d = SynthConfig()
+    sy = sub.add_parser(
+        "synth",
+        help="generate RAFT training data from documents with a local instruct model (questions, answers, filters)",
+        description=(
+            "Splits a corpus (a .jsonl of {text, title?, id?} records, or a folder of .txt/.md files) into token "
+            "chunks, asks the model for N questions per chunk and an answer to each from the chunk (optionally "
+            "quoting it), keeps the pairs that pass the filters (grounded, not giving the answer away, no "
+            "duplicates, length limits, well formed; every drop counted), and writes RAFT records with BM25 "
+            "distractors from the corpus: OUT (training), OUT's stem + .heldout.jsonl (questions on held-out "
+            "documents), .report.json, .yaml (a `ragkern train --config` file) and .state.jsonl (re-running "
+            "resumes from it). See docs/synth.md."
+        ),
+    )
+    sy.add_argument("corpus", help="a .jsonl of {text, title?, id?} records or a folder of .txt/.md files")
+    sy.add_argument(
+        "--model", required=True, help="the instruct model generating questions and answers (folder)"
+    )
+    sy.add_argument(
+        "--out", required=True, help="the training RAFT JSONL to write (other files go beside it)"
+    )
+    sy.add_argument("--tokenizer", default=None, help="tokenizer path (default: --model)")
+    sy.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, ...)")
+    sy.add_argument("--questions", type=int, default=d.questions, help="questions asked per chunk (N)")
+    sy.add_argument(
+        "--reasoning", action="store_true", help="answers quote the chunk, then 'Answer: ...' (CoT)"
+    )
+    sy.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="tokens per chunk")
+    sy.add_argument(
+        "--overlap", type=int, default=d.overlap, help="tokens a chunk shares with the previous one"
+    )
+    sy.add_argument(
+        "--min-tokens", type=int, default=d.min_tokens, help="shorter chunks are dropped (counted)"
+    )
+    sy.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="chunks per batch (prompts decoded together)"
+    )
+    sy.add_argument(
+        "--question-tokens", type=int, default=d.question_tokens, help="max new tokens, question list"
+    )
+    sy.add_argument(
+        "--answer-tokens", type=int, default=d.answer_tokens, help="max new tokens, answer (x4 reasoning)"
+    )
+    sy.add_argument(
+        "--question-template",
+        default=None,
+        help="prompt file: .txt user turn or .json messages; {chunk} {n} {title}",
+    )
+    sy.add_argument(
+        "--answer-template", default=None, help="prompt file: .txt or .json; {chunk} {question} {title}"
+    )
+    sy.add_argument(
+        "--min-question-words", type=int, default=d.min_question_words, help="shorter questions dropped"
+    )
+    sy.add_argument(
+        "--max-question-words", type=int, default=d.max_question_words, help="longer questions dropped"
+    )
+    sy.add_argument("--max-answer-words", type=int, default=d.max_answer_words, help="longer answers dropped")
+    sy.add_argument(
+        "--grounding",
+        choices=["span", "words"],
+        default=d.grounding,
+        help="span: the answer is a run of the chunk's words; words: --min-grounding of them are in it",
+    )
+    sy.add_argument(
+        "--min-grounding",
+        type=float,
+        default=d.min_grounding,
+        help="share of answer words found in the chunk",
+    )
+    sy.add_argument(
+        "--near-duplicate",
+        type=float,
+        default=d.near_duplicate,
+        help="same-document question Jaccard dropped",
+    )
+    sy.add_argument(
+        "--num-distractors", type=int, default=d.num_distractors, help="BM25 distractors per example"
+    )
+    sy.add_argument(
+        "--p-oracle", type=float, default=d.p_oracle, help="share of training examples with the oracle"
+    )
+    sy.add_argument(
+        "--heldout-fraction", type=float, default=d.heldout_fraction, help="share of documents held out"
+    )
+    sy.add_argument(
+        "--distractor-pool",
+        type=int,
+        default=d.distractor_pool,
+        help="chunks sampled for BM25 (memory bound)",
+    )
+    sy.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of the split, the distractors and the pool"
+    )
+    sy.add_argument(
+        "--restart", action="store_true", help="discard the state file of an earlier run instead of resuming"
+    )
+    sy.set_defaults(func=_synth)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
