@@ -68,3 +68,36 @@ def write_results(name: str, results: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"meta": metadata(), **results}, indent=2) + "\n")
     return path
+
+
+def train_lora_steps(model, tokenizer, records, *, steps: int, seed: int, args, output_dir) -> dict:
+    """``steps`` RagTrainer optimizer steps (one packed row of ``args.max_length`` tokens each, cosine schedule,
+    10% warmup, fused LoRA, CPU, no checkpoints) of ``model`` on ``records``; returns seconds, tokens and steps.
+    ``args`` gives ``max_length`` and ``learning_rate`` (the strategies and synth benchmarks share this recipe)."""
+    from ragkern import RagTrainer, RagTrainingArguments
+
+    targs = RagTrainingArguments(
+        output_dir=str(output_dir),
+        max_length=args.max_length,
+        per_device_train_batch_size=1,
+        max_steps=steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.0,
+        fused_lora=True,
+        seed=seed,
+        use_cpu=True,
+        logging_steps=max(1, steps // 5),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+    trainer = RagTrainer(model=model, args=targs, train_dataset=records, processing_class=tokenizer)
+    t0 = time.perf_counter()
+    result = trainer.train()
+    return {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tokens": result.metrics.get("train_tokens") or 0,
+        "steps": steps,
+    }

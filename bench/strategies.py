@@ -44,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, write_results  # noqa: E402
+from _common import RESULTS, train_lora_steps, write_results  # noqa: E402
 
 ARMS = ("base", "dsf", "raft", "dap_raft", "hybrid", "dap_hybrid")
 # an answer saying the passages do not hold it (whole words: "another" is not "not")
@@ -205,36 +205,6 @@ def eval_sets(world, args) -> dict[str, list[dict]]:
 # -- one arm ---------------------------------------------------------------------------------------------------
 
 
-def _train(model, tokenizer, records, steps: int, seed: int, args, out: Path) -> dict:
-    from ragkern import RagTrainer, RagTrainingArguments
-
-    targs = RagTrainingArguments(
-        output_dir=str(out),
-        max_length=args.max_length,
-        per_device_train_batch_size=1,
-        max_steps=steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 10),
-        weight_decay=0.0,
-        fused_lora=True,
-        seed=seed,
-        use_cpu=True,
-        logging_steps=max(1, steps // 5),
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-    )
-    trainer = RagTrainer(model=model, args=targs, train_dataset=records, processing_class=tokenizer)
-    t0 = time.perf_counter()
-    result = trainer.train()
-    return {
-        "seconds": time.perf_counter() - t0,
-        "tokens": result.metrics.get("train_tokens") or 0,
-        "steps": steps,
-    }
-
-
 def perplexity(model, tokenizer, texts: list[str], max_length: int) -> float:
     """exp(mean token NLL) over ``texts`` (each truncated to ``max_length`` tokens), EOS-free."""
     import torch
@@ -366,7 +336,9 @@ def run_arm(arm: str, seed: int, args) -> dict:
         )
         model = get_peft_model_quietly(model, lora)
         for name, records, steps in phases:
-            done = _train(model, tokenizer, records, steps, seed, args, out / name)
+            done = train_lora_steps(
+                model, tokenizer, records, steps=steps, seed=seed, args=args, output_dir=out / name
+            )
             train["seconds"] += done["seconds"]
             train["tokens"] += done["tokens"]
             train["phases"].append({"phase": name, **done})

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_results  # noqa: E402
+from _common import train_lora_steps, write_results  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,32 +88,6 @@ def gold_correct(world, records: list[dict]) -> dict:
     exact = sum(any(exact_match(r["answer"], v) for v in gold_values(world, r["doc"])) for r in records)
     inside = sum(any(contains(r["answer"], v) for v in gold_values(world, r["doc"])) for r in records)
     return {"pairs": n, "gold_exact": exact / n, "gold_contains": inside / n}
-
-
-def _train(model, tokenizer, records, args, out: Path) -> dict:
-    from ragkern import RagTrainer, RagTrainingArguments
-
-    targs = RagTrainingArguments(
-        output_dir=str(out),
-        max_length=args.max_length,
-        per_device_train_batch_size=1,
-        max_steps=args.steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.steps // 10),
-        weight_decay=0.0,
-        fused_lora=True,
-        seed=args.seed,
-        use_cpu=True,
-        logging_steps=max(1, args.steps // 5),
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-    )
-    trainer = RagTrainer(model=model, args=targs, train_dataset=records, processing_class=tokenizer)
-    t0 = time.perf_counter()
-    result = trainer.train()
-    return {"seconds": round(time.perf_counter() - t0, 1), "tokens": result.metrics.get("train_tokens") or 0}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -211,7 +185,15 @@ def main(argv: list[str] | None = None) -> dict:
             r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear"
         )
         arm_model = get_peft_model_quietly(fresh_model(), lora)
-        trained = _train(arm_model, tokenizer, records, args, Path(args.output_dir) / f"run-{name}")
+        trained = train_lora_steps(
+            arm_model,
+            tokenizer,
+            records,
+            steps=args.steps,
+            seed=args.seed,
+            args=args,
+            output_dir=Path(args.output_dir) / f"run-{name}",
+        )
         arms[name] = {**evaluate(arm_model), "train_records": len(records), "train": trained}
         print(
             f"{name}: EM {arms[name]['exact_match']:.3f} ({len(records)} records, {trained['seconds']} s)",

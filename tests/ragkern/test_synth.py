@@ -395,3 +395,23 @@ def test_real_generation_path_on_a_tiny_model(tmp_path):
     assert report["kept"] + sum(report["dropped"].values()) == report["candidates"]
     state = [json.loads(x) for x in output_paths(tmp_path / "t.jsonl")["state"].read_text().splitlines()[1:]]
     assert len(state) == 3 and all(isinstance(s["generated"], str) for s in state)
+
+
+def test_the_docs_python_example_runs(tmp_path, monkeypatch):
+    """docs/synth.md's Python block, with its ``tokenizer`` and ``model`` a tiny random model's."""
+    from tests.test_readme import DOCS, python_blocks
+
+    (block,) = python_blocks(DOCS / "synth.md")
+    monkeypatch.chdir(tmp_path)
+    tok = word_tokenizer()
+    text = "paris is the capital of france . berlin is in germany . " * 8
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": text}) + "\n" for i in range(3))
+    )
+    namespace = {"tokenizer": tok, "model": tiny_model("llama", vocab_size=len(tok), seed=0, attn="sdpa")}
+    exec(compile(block, "docs/synth.md", "exec"), namespace)
+    report = namespace["report"]
+    assert report["chunks_generated"] == report["chunks"] >= 3
+    assert (tmp_path / "synth" / "train.jsonl").is_file() and (
+        tmp_path / "synth" / "train.report.json"
+    ).is_file()
