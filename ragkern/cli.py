@@ -139,14 +139,7 @@ def _synth(args: argparse.Namespace) -> int:
         raise CliError(
             f"CORPUS {args.corpus!r}: no such file or folder (a .jsonl of {{text}} or a folder of .txt/.md)"
         )
-    options = {
-        name: getattr(args, name)
-        for name in (
-            "chunk_tokens", "overlap", "min_tokens", "questions", "reasoning", "batch_size", "question_tokens",
-            "answer_tokens", "min_question_words", "max_question_words", "max_answer_words", "grounding", "min_grounding",
-            "near_duplicate", "num_distractors", "p_oracle", "heldout_fraction", "distractor_pool", "seed",
-        )
-    }  # fmt: skip
+    options = {name: getattr(args, name) for name, _, _ in _SYNTH_OPTIONS}
     if args.question_template:
         options["question_template"] = load_template(args.question_template)
     if args.answer_template:
@@ -420,6 +413,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The SynthConfig fields `ragkern synth` takes as flags (--chunk-tokens ...): name, type, help.
+_SYNTH_OPTIONS = (
+    ("questions", int, "questions asked per chunk (N)"),
+    ("reasoning", bool, "answers quote the chunk, then 'Answer: ...' (CoT)"),
+    ("chunk_tokens", int, "tokens per chunk"),
+    ("overlap", int, "tokens a chunk shares with the previous one"),
+    ("min_tokens", int, "shorter chunks are dropped (counted)"),
+    ("batch_size", int, "chunks per batch (prompts decoded together)"),
+    ("question_tokens", int, "max new tokens, question list"),
+    ("answer_tokens", int, "max new tokens, answer (x4 reasoning)"),
+    ("min_question_words", int, "shorter questions dropped"),
+    ("max_question_words", int, "longer questions dropped"),
+    ("max_answer_words", int, "longer answers dropped"),
+    (
+        "grounding",
+        str,
+        "span: the answer is a run of the chunk's words; words: --min-grounding of them are in it",
+    ),
+    ("min_grounding", float, "share of answer words found in the chunk"),
+    ("near_duplicate", float, "same-document question Jaccard dropped"),
+    ("num_distractors", int, "BM25 distractors per example"),
+    ("p_oracle", float, "share of training examples with the oracle"),
+    ("heldout_fraction", float, "share of documents held out"),
+    ("distractor_pool", int, "chunks sampled for BM25 (memory bound)"),
+    ("seed", int, "seed of the split, the distractors and the pool"),
+)
+
+
 def _add_synth_parser(sub) -> None:
     from .synth import SynthConfig
 
@@ -446,26 +467,14 @@ def _add_synth_parser(sub) -> None:
     )
     sy.add_argument("--tokenizer", default=None, help="tokenizer path (default: --model)")
     sy.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, ...)")
-    sy.add_argument("--questions", type=int, default=d.questions, help="questions asked per chunk (N)")
-    sy.add_argument(
-        "--reasoning", action="store_true", help="answers quote the chunk, then 'Answer: ...' (CoT)"
-    )
-    sy.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="tokens per chunk")
-    sy.add_argument(
-        "--overlap", type=int, default=d.overlap, help="tokens a chunk shares with the previous one"
-    )
-    sy.add_argument(
-        "--min-tokens", type=int, default=d.min_tokens, help="shorter chunks are dropped (counted)"
-    )
-    sy.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="chunks per batch (prompts decoded together)"
-    )
-    sy.add_argument(
-        "--question-tokens", type=int, default=d.question_tokens, help="max new tokens, question list"
-    )
-    sy.add_argument(
-        "--answer-tokens", type=int, default=d.answer_tokens, help="max new tokens, answer (x4 reasoning)"
-    )
+    for name, kind, help_text in _SYNTH_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            sy.add_argument(flag, action="store_true", help=help_text)
+        elif name == "grounding":
+            sy.add_argument(flag, choices=["span", "words"], default=d.grounding, help=help_text)
+        else:
+            sy.add_argument(flag, type=kind, default=getattr(d, name), help=help_text)
     sy.add_argument(
         "--question-template",
         default=None,
@@ -473,49 +482,6 @@ def _add_synth_parser(sub) -> None:
     )
     sy.add_argument(
         "--answer-template", default=None, help="prompt file: .txt or .json; {chunk} {question} {title}"
-    )
-    sy.add_argument(
-        "--min-question-words", type=int, default=d.min_question_words, help="shorter questions dropped"
-    )
-    sy.add_argument(
-        "--max-question-words", type=int, default=d.max_question_words, help="longer questions dropped"
-    )
-    sy.add_argument("--max-answer-words", type=int, default=d.max_answer_words, help="longer answers dropped")
-    sy.add_argument(
-        "--grounding",
-        choices=["span", "words"],
-        default=d.grounding,
-        help="span: the answer is a run of the chunk's words; words: --min-grounding of them are in it",
-    )
-    sy.add_argument(
-        "--min-grounding",
-        type=float,
-        default=d.min_grounding,
-        help="share of answer words found in the chunk",
-    )
-    sy.add_argument(
-        "--near-duplicate",
-        type=float,
-        default=d.near_duplicate,
-        help="same-document question Jaccard dropped",
-    )
-    sy.add_argument(
-        "--num-distractors", type=int, default=d.num_distractors, help="BM25 distractors per example"
-    )
-    sy.add_argument(
-        "--p-oracle", type=float, default=d.p_oracle, help="share of training examples with the oracle"
-    )
-    sy.add_argument(
-        "--heldout-fraction", type=float, default=d.heldout_fraction, help="share of documents held out"
-    )
-    sy.add_argument(
-        "--distractor-pool",
-        type=int,
-        default=d.distractor_pool,
-        help="chunks sampled for BM25 (memory bound)",
-    )
-    sy.add_argument(
-        "--seed", type=int, default=d.seed, help="seed of the split, the distractors and the pool"
     )
     sy.add_argument(
         "--restart", action="store_true", help="discard the state file of an earlier run instead of resuming"
