@@ -1,7 +1,7 @@
 """Synthesized RAFT data vs gold QA on the fictional domain: what `ragkern synth` yields with SmolLM2 on CPU, and
 what training on it buys.
 
-    python bench/synth.py                 # ~15 min on 2 cores: 30 reagents (60 documents), 30 steps per arm
+    python bench/synth.py                 # 19 min on 2 cores: 40 reagents (80 documents), 30 steps per arm
     python bench/synth.py --quick         # a smoke run: 3 reagents, 2 steps, 4 questions
 
 The corpus is :mod:`ragkern.data.domain`'s reagent trade (``domain_world(--world-seed)``): the first-edition

@@ -9,7 +9,7 @@ import pytest
 
 from tests.test_readme import DOCS, ROOT
 
-PAGES = [ROOT / "README.md", DOCS / "measured.md", DOCS / "block-attention.md", DOCS / "strategies.md"]
+PAGES = [ROOT / "README.md", DOCS / "measured.md", DOCS / "block-attention.md", DOCS / "strategies.md", DOCS / "synth.md"]
 SOURCE = re.compile(r"bench/results/[\w./-]+\.json")
 # a number as written in a table: 83.0k, 3.26x, 1,546, 0.01, 3.3 GiB, 7.8 ms, 257 s, 2.6e-3
 NUMBER = re.compile(
