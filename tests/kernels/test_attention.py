@@ -41,8 +41,9 @@ def make_inputs(lengths, Hq, Hkv, D, dtype, *, blocks=False, seed=0):
     return q, k, v, do, cu_of(lengths), make_blocks(lengths, g) if blocks else None
 
 
-def naive(q, k, v, lengths, causal, block_ids, scale):
-    """Softmax attention per example and head, float64, with the mask spelled out."""
+def naive(q, k, v, lengths, causal, block_ids, scale, *, window=None, softcap=None):
+    """Softmax attention per example and head, float64, with the mask (causal, blocks, sliding ``window``) and
+    the score ``softcap`` spelled out."""
     out, s = [], 0
     group = q.shape[1] // k.shape[1]
     for L in lengths:
@@ -50,12 +51,17 @@ def naive(q, k, v, lengths, causal, block_ids, scale):
         allowed = torch.ones(L, L, dtype=torch.bool)
         if causal:
             allowed = allowed.tril()
+        if window is not None:
+            i = torch.arange(L)
+            allowed &= i[None, :] > i[:, None] - window
         if block_ids is not None:
             b = block_ids[s : s + L]
             allowed &= (b[:, None] == 0) | (b[:, None] == b[None, :])
         heads = []
         for h in range(q.shape[1]):
             scores = (qi[:, h] @ ki[:, h // group].T) * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
             p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
             heads.append(p @ vi[:, h // group])
         out.append(torch.stack(heads, dim=1))

@@ -13,7 +13,7 @@ from ragkern.kernels import attention as attn_mod
 from ragkern.kernels import block_tiles, varlen_attention
 from ragkern.kernels.attention import block_mask, varlen_attention_reference, window_mask
 
-from tests.kernels.test_attention import cu_of, make_inputs, rel
+from tests.kernels.test_attention import cu_of, make_inputs, naive, rel
 
 pytestmark = [
     pytest.mark.skipif(attn_mod.triton is None, reason="triton is not installed"),
@@ -22,32 +22,6 @@ pytestmark = [
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def naive(q, k, v, lengths, block_ids, scale, window, softcap):
-    """Causal softmax attention per example and head, float64, window and softcap spelled out."""
-    out, s = [], 0
-    group = q.shape[1] // k.shape[1]
-    for L in lengths:
-        qi, ki, vi = (x[s : s + L].double() for x in (q, k, v))
-        i = torch.arange(L)
-        allowed = i[None, :] <= i[:, None]
-        if window is not None:
-            allowed &= i[None, :] > i[:, None] - window
-        if block_ids is not None:
-            b = block_ids[s : s + L]
-            allowed &= (b[:, None] == 0) | (b[:, None] == b[None, :])
-        heads = []
-        for h in range(q.shape[1]):
-            scores = (qi[:, h] @ ki[:, h // group].T) * scale
-            if softcap is not None:
-                scores = softcap * torch.tanh(scores / softcap)
-            heads.append(
-                torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vi[:, h // group]
-            )
-        out.append(torch.stack(heads, dim=1))
-        s += L
-    return torch.cat(out)
 
 
 def check(lengths, Hq, Hkv, D, dtype, *, window, softcap=None, blocks=False, seed=0, spelled_out=False, **kw):
@@ -66,7 +40,9 @@ def check(lengths, Hq, Hkv, D, dtype, *, window, softcap=None, blocks=False, see
     ref = varlen_attention_reference(*ref64, cu, block_ids=block_ids, window=window, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, ref64, do.double())
     if spelled_out:
-        want = naive(*ref64, [L for L in lengths if L], block_ids, D**-0.5, window, softcap)
+        want = naive(
+            *ref64, [L for L in lengths if L], True, block_ids, D**-0.5, window=window, softcap=softcap
+        )
         assert rel(ref, want) < 1e-10
     for name, got, r in zip(("out", "dq", "dk", "dv"), (o, *grads), (ref, *ref_grads)):
         assert rel(got, r) < TOL[dtype], f"{name}: rel err {rel(got, r):.2e} vs float64 reference"
