@@ -61,10 +61,18 @@ def _answer_pattern() -> re.Pattern:
 _ANSWER = _answer_pattern()
 
 
+def split_reasoning(generated: str) -> tuple[str | None, str]:
+    """``(reasoning, answer)`` of a generation: the text before and after the last "Answer:" (stripped);
+    ``(None, all of it)`` when there is no "Answer:"."""
+    marks = list(_ANSWER.finditer(generated))
+    if not marks:
+        return None, generated.strip()
+    return generated[: marks[-1].start()].strip(), generated[marks[-1].end() :].strip()
+
+
 def parse_answer(generated: str) -> str:
     """The answer in a generation: the text after the last "Answer:", else all of it (stripped)."""
-    ends = [m.end() for m in _ANSWER.finditer(generated)]
-    return generated[ends[-1] if ends else 0 :].strip()
+    return split_reasoning(generated)[1]
 
 
 def cited_markers(text: str) -> set[int]:

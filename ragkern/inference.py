@@ -132,10 +132,6 @@ class PassageCache:
         return int(self.input_ids.numel())
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    return forward_names(model)[0]
-
-
 def _rotary(model: torch.nn.Module) -> torch.nn.Module:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
@@ -196,7 +192,7 @@ def encode_passage(model: torch.nn.Module, input_ids: torch.Tensor | list[int]) 
             "passage cache reuse needs a plain dynamic cache (no sliding-window or hybrid layers): a sliding "
             "layer keeps only its window's keys"
         )
-    model(input_ids=ids[None], use_cache=True, **{_cache_kwarg(model): cache})
+    model(input_ids=ids[None], use_cache=True, **{forward_names(model)[0]: cache})
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, Hkv, L, D)
     values = torch.stack([layer.values[0] for layer in cache.layers])
     return PassageCache(ids.cpu(), keys, values, _fingerprint(model))
@@ -553,7 +549,7 @@ def prefill_batch(
             attention_mask=allowed,
             use_cache=True,
             ragkern_prefill_plan=plan,
-            **{_cache_kwarg(model): cache},
+            **{forward_names(model)[0]: cache},
             **extra,
         )
     return Prefill(
@@ -620,7 +616,7 @@ def generate_from_caches(
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            **{_cache_kwarg(model): pre.cache},
+            **{forward_names(model)[0]: pre.cache},
             **options,
             **generate_kwargs,
         )
@@ -654,7 +650,7 @@ def greedy_continue(
             input_ids=torch.tensor([[tok]], device=device),
             position_ids=torch.tensor([[pos]], device=device),
             use_cache=True,
-            **{_cache_kwarg(model): cache},
+            **{forward_names(model)[0]: cache},
         )
         logits = step.logits[0, -1]
         pos += 1

@@ -321,8 +321,8 @@ def chunk_document(
 
     Windows of ``chunk_tokens`` tokens start every ``chunk_tokens - overlap`` tokens until one reaches the end
     of the document; that last one (the tail) can be short, and is dropped when under ``min_tokens`` (as is a
-    whole document under ``min_tokens``). A chunk's text is the slice of the document between its first and last token (offsets of the
-    fast tokenizer), so quotes of it are quotes of the document::
+    whole document under ``min_tokens``). A chunk's text is the slice of the document between its first and
+    last token (offsets of the fast tokenizer), so quotes of it are quotes of the document::
 
         tokens   0 ........................................ 599
         chunk 0  [0, 256)
@@ -380,9 +380,8 @@ def parse_questions(generated: str) -> list[str]:
 
 def _words(text: str) -> list[str]:
     """SQuAD-normalised words (:func:`ragkern.evaluate.normalize_answer`), what every filter compares."""
-    from .evaluate import (
-        normalize_answer,
-    )  # here: importing evaluate imports torch (`ragkern --help` stays fast)
+    # imported here: ragkern.evaluate imports torch, and `ragkern --help` stays fast
+    from .evaluate import normalize_answer
 
     return normalize_answer(text).split()
 
@@ -416,13 +415,11 @@ def check_question(question: str, *, prompt_text: str, config: SynthConfig) -> s
 
 def parse_reasoned(generated: str) -> tuple[str | None, str]:
     """``(reasoning, answer)`` of a reasoning generation: the text before and after the last "Answer:";
-    ``(None, generated)`` when there is no "Answer:"."""
-    from .evaluate import _ANSWER  # the separator ragkern.evaluate.parse_answer splits at
+    ``(None, generated)`` when there is no "Answer:" (:func:`ragkern.evaluate.split_reasoning`, the split
+    evaluation reads answers with)."""
+    from .evaluate import split_reasoning  # imported here, as in _words
 
-    marks = list(_ANSWER.finditer(generated))
-    if not marks:
-        return None, generated.strip()
-    return generated[: marks[-1].start()].strip(), generated[marks[-1].end() :].strip()
+    return split_reasoning(generated)
 
 
 def check_answer(

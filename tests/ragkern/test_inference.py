@@ -8,7 +8,6 @@ from transformers import DynamicCache
 from ragkern.data import encode
 from ragkern.inference import (
     PassageStore,
-    _cache_kwarg,
     _query_groups,
     block_masked_greedy,
     cache_bytes_per_token,
@@ -20,6 +19,7 @@ from ragkern.inference import (
     save_caches,
     segments_from_block_ids,
 )
+from ragkern.modeling import forward_names
 from tests.ragkern.test_block_attention import RECORD, prompt_of
 from tests.ragkern.tiny import tiny_model, word_tokenizer
 
@@ -58,7 +58,7 @@ def block_masked(model, ids, blocks):
             input_ids=torch.tensor([ids]),
             block_ids=torch.tensor([blocks], dtype=torch.int32),
             use_cache=True,
-            **{_cache_kwarg(model): cache},
+            **{forward_names(model)[0]: cache},
         )
     return out.logits[0, -1], cache
 
