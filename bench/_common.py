@@ -70,6 +70,17 @@ def write_results(name: str, results: dict) -> Path:
     return path
 
 
+def add_training_flags(p) -> None:
+    """The flags of the :func:`train_lora_steps` recipe and its RAFT data, shared by the benchmarks that train."""
+    p.add_argument(
+        "--steps", type=int, default=30, help="optimizer steps per trained arm (one packed row each)"
+    )
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per packed row")
+    p.add_argument("--p-oracle", type=float, default=0.8, help="share of training examples with the oracle")
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--lora-r", type=int, default=16)
+
+
 def train_lora_steps(model, tokenizer, records, *, steps: int, seed: int, args, output_dir) -> dict:
     """``steps`` RagTrainer optimizer steps (one packed row of ``args.max_length`` tokens each, cosine schedule,
     10% warmup, fused LoRA, CPU, no checkpoints) of ``model`` on ``records``; returns seconds, tokens and steps.

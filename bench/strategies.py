@@ -44,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, train_lora_steps, write_results  # noqa: E402
+from _common import RESULTS, add_training_flags, train_lora_steps, write_results  # noqa: E402
 
 ARMS = ("base", "dsf", "raft", "dap_raft", "hybrid", "dap_hybrid")
 # an answer saying the passages do not hold it (whole words: "another" is not "not")
@@ -63,18 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--world-seed", type=int, default=0, help="the domain's seed (the same world for every arm)"
     )
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per arm (one packed row each)")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per packed row")
     p.add_argument(
         "--dap-share", type=float, default=0.5, help="share of the steps spent on DAP in dap_* arms"
     )
     p.add_argument("--instruct-ratio", type=float, default=0.3, help="instruction examples' share in hybrid")
     p.add_argument("--distractors", type=int, default=3, help="distractors per training example")
-    p.add_argument("--p-oracle", type=float, default=0.8, help="share of training examples with the oracle")
     p.add_argument("--ks", default="0,2,4,8", help="distractor counts evaluated")
     p.add_argument("--eval-questions", type=int, default=20, help="held-out questions per metric")
-    p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--lora-r", type=int, default=16)
+    add_training_flags(p)
     p.add_argument("--jobs", type=int, default=1, help="arms trained at once (one process each)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     p.add_argument("--output-dir", default="runs/strategies", help="per-arm results (resume reads them)")

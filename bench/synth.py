@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import train_lora_steps, write_results  # noqa: E402
+from _common import add_training_flags, train_lora_steps, write_results  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,15 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--questions", type=int, default=3, help="questions asked per chunk")
     p.add_argument("--batch-size", type=int, default=16, help="synth: chunks per batch")
-    p.add_argument(
-        "--steps", type=int, default=30, help="optimizer steps per trained arm (one packed row each)"
-    )
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per packed row")
     p.add_argument("--distractors", type=int, default=3, help="BM25 distractors, training and evaluation")
-    p.add_argument("--p-oracle", type=float, default=0.8, help="share of training examples with the oracle")
     p.add_argument("--eval-questions", type=int, default=60, help="gold held-out questions evaluated")
-    p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--lora-r", type=int, default=16)
+    add_training_flags(p)
     p.add_argument("--seed", type=int, default=0, help="training and synthesis seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument("--output-dir", default="runs/synth", help="synthesized files (a rerun resumes them)")
