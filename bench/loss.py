@@ -166,6 +166,21 @@ def print_model(rows: list[dict]) -> None:
         )
 
 
+def chunked_dw_model(V: int = 128256, D: int = 4096, N: int = 16384, n: int = 1024, e: int = 2) -> dict:
+    """Issue 23 item 5, modelled (not measured on GPU): bytes the chunked path moves for grad_weight (V, D) and
+    grad_hidden (N, D) beyond the GEMMs' operand reads, forward + backward, for n target rows in one chunk and a
+    weight of e bytes. Before: zero-fill an fp32 dW, the addmm's read-modify-write of it, an fp32 -> bf16 copy,
+    backward's out-of-place scale of dW and dh. After: the GEMM writes dW once in the weight's dtype; backward
+    scales nothing at an upstream gradient of 1, in place otherwise. Peak: (V, D) bytes alive at once."""
+    vd, nd, rows = V * D, N * D, n * D
+    dh = nd * e + rows * e  # zero-fill, index_copy of the target rows (unchanged)
+    before = 4 * vd + 2 * 4 * vd + (4 + e) * vd + 2 * e * vd + dh + 2 * e * nd
+    after = e * vd + dh
+    return dict(V=V, D=D, N=N, targets=n, before_GB=before / 1e9, after_grad_1_GB=after / 1e9,
+                after_scaled_GB=(after + 2 * e * (vd + nd)) / 1e9, peak_before_GiB=(4 + e) * vd / 2**30,
+                peak_after_GiB=e * vd / 2**30)  # fmt: skip
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -227,6 +242,11 @@ def main() -> None:
     model = traffic_model()
     if args.model_only:
         print_model(model)
+        c = chunked_dw_model()
+        print(f"chunked dW / dh handling, one chunk of {c['targets']} targets, V={c['V']} D={c['D']} bf16, modelled: "
+              f"{c['before_GB']:.2f} GB before, {c['after_grad_1_GB']:.2f} GB after (upstream 1; "
+              f"{c['after_scaled_GB']:.2f} GB scaled); dW peak {c['peak_before_GiB']:.2f} -> "
+              f"{c['peak_after_GiB']:.2f} GiB")  # fmt: skip
         return
     threads = ["--threads", str(args.threads)] if args.threads else []
     if args.impls:

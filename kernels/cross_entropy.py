@@ -9,6 +9,10 @@ For every token i with a target (``labels[i] != ignore_index``)::
     loss_i = weights[i] * (ce + z_loss * lse ** 2)
 
 Ignored tokens are dropped before any matmul, so they cost nothing forward or backward.
+Under ``torch.autocast`` (for the tensors' device) the product runs in the autocast dtype, as ``F.linear``'s
+would: the inputs may be fp32 (or differ: bf16 hidden states, an fp32 master weight) and are cast inside; the
+loss is fp32 and each gradient comes in its leaf's dtype, as from ``F.cross_entropy(F.linear(h, W, b))`` under
+the same autocast. An fp32 weight receives the fp32 ``dW`` itself, never rounded to the compute dtype.
 ``reduction="mean"`` divides the weighted sum by the number of non-ignored tokens (0 when there are none).
 ``return_hits`` also gives each token's ``argmax_j s_j == labels[i]`` (token accuracy), taken where the log-sum-exp
 already visits every logit: the first index wins a tie, as ``torch.argmax``. No gradient.
@@ -19,16 +23,25 @@ Two designs (``impl``), three paths:
   ``(C, V) = h_c @ W.T (+ bias)`` come from torch's matmul (cuBLAS on CUDA), then the row step computes each
   row's log-sum-exp, loss and ``d loss / d z``, and ``dh_c = G @ W``, ``dW += G.T @ h_c``, ``db += sum G`` are
   matmuls again: 3 GEMMs of the target rows in all. The gradients are computed in the forward pass (the
-  logits are built once); backward scales them by ``grad_output``, and recomputes only when the per-token
-  ``grad_output`` is not uniform (``reduction="none"`` followed by anything but a scaled sum). Row steps:
+  logits are built once; ``reduction="mean"``'s ``1 / count`` folded in) and handed over in backward without a
+  copy: untouched when the upstream gradient is 1 (read on the host for CPU tensors; on CUDA a mean / sum loss's
+  is tested on the device by ``_flce_scale_kernel``, no sync), else scaled in place. Backward recomputes them
+  only when the per-token ``grad_output`` is not uniform (``reduction="none"`` followed by anything but a scaled
+  sum) or on a second backward through the graph (``retain_graph``). ``dW``: with one chunk of target rows (1k
+  targets at V=128k) that chunk's GEMM written straight into a new gradient in the weight's dtype (nothing
+  zero-filled, no read-modify-write, no conversion); with several, an fp32 accumulator (the first chunk's GEMM
+  writes it, later ones add in place) rounded once to a half-precision weight's dtype, or, for an fp32 (master)
+  weight, handed over as the gradient itself. Row steps:
   - torch (CPU, fp64): chunks of ``_CHUNK_ELEMS // V`` rows, the logits upcast to fp32 (a few ``(C, V)`` fp32
     temporaries, 16 MiB each), ``dW`` accumulated by an fp32 matmul.
   - triton (CUDA): chunks of at most ``_CHUNK_BYTES`` (256 MiB) of logits in the compute dtype, one buffer
     reused by every chunk; one kernel per chunk (``_flce_rows_kernel``, a program per row) reads the row twice
     (online log-sum-exp and argmax in fp32, then the gradient) and writes ``d loss / d z`` in place over the logits, in
     the compute dtype; ``dW`` accumulates in fp32 (cuBLAS with an fp32 output where torch has it, else each
-    chunk's product rounded once to the compute dtype and added in fp32). Memory beyond the inputs: the
-    buffer, fp32 ``dW`` (V, D), ``dh`` (N, D), and on the fallback a product of at most 256 MiB. The logits
+    chunk's product rounded once to the compute dtype and added in fp32; on CPU the operands upcast). Memory
+    beyond the inputs: the buffer, ``dW`` (V, D) (one chunk: in the weight's dtype; several: fp32, plus the
+    rounded copy for a half-precision weight), ``dh`` (N, D), and on the fallback a product of at most 256 MiB.
+    The logits
     and their gradient are rounded to the compute dtype (as ``F.linear`` logits are; in fp16 a logit past
     65504 overflows). Every step is a cuBLAS GEMM or a kernel without atomics, in a fixed chunk order:
     deterministic (cuBLAS under ``torch.use_deterministic_algorithms`` needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
@@ -53,6 +66,7 @@ Two designs (``impl``), three paths:
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -339,6 +353,23 @@ if triton is not None:
                 tl.store(zrow + cols, (scale * g).to(Z.dtype.element_ty), mask=cmask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _flce_scale_kernel(X, S, n, BLOCK: tl.constexpr):
+        """X (n,) *= S[0] in place, unless S[0] is exactly 1: then nothing past that scalar is read or written.
+        The test runs on the device, so backward learns nothing on the host (no sync) and skips the pass."""
+        s = tl.load(S)
+        if s != 1.0:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = tl.load(X + offs, mask=mask)
+            tl.store(X + offs, (x.to(tl.float32) * s).to(X.dtype.element_ty), mask=mask)
+
+
+_SCALE_CONFIG = dict(BLOCK=4096, num_warps=8)  # 16 bytes per thread and access in bf16
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch.matmul: TF32 only where torch allows it (``set_float32_matmul_precision``
     "high"/"medium", i.e. ``torch.backends.cuda.matmul.allow_tf32``); unused for fp16/bf16."""
@@ -448,35 +479,73 @@ def _chunk_rows(n: int, V: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
-# (device type, input dtype) -> whether torch.addmm takes out_dtype=fp32 with an fp32 self
-_FP32_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
+# (device type, input dtype) -> whether torch.mm / torch.addmm take out_dtype=fp32 (an fp32 self added in place)
+_FP32_OUT_GEMM: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def _add_grad_weight(gw: torch.Tensor, ds: torch.Tensor, h: torch.Tensor) -> None:
-    """``gw (V, D) fp32 += ds.T @ h`` for ``ds (C, V)``, ``h (C, D)`` in the compute dtype: in the GEMM's fp32
-    output where torch offers it (cuBLAS, recent torch), else the chunk's product is rounded once to the compute
-    dtype and added in fp32, in vocabulary slices whose product stays within ``_CHUNK_BYTES``."""
-    if ds.dtype == gw.dtype:
-        gw.addmm_(ds.T, h)
-        return
-    kind = (ds.device.type, ds.dtype)
-    if kind not in _FP32_ADDMM:
-        probe = torch.ones(2, 2, device=ds.device)
-        one = torch.ones(2, 2, device=ds.device, dtype=ds.dtype)
+def _fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    kind = (device.type, dtype)
+    if kind not in _FP32_OUT_GEMM:
+        probe = torch.ones(2, 2, device=device)
+        one = torch.ones(2, 2, device=device, dtype=dtype)
         try:  # once per process, device type and dtype: 1 + (1 1).(1 1) = 3 proves the fp32 self is added in place
             torch.addmm(probe, one, one, out_dtype=torch.float32, out=probe)
-            _FP32_ADDMM[kind] = bool((probe == 3).all())
+            product = torch.mm(one, one, out_dtype=torch.float32)
+            _FP32_OUT_GEMM[kind] = bool((probe == 3).all()) and product.dtype == torch.float32
         except (RuntimeError, TypeError, NotImplementedError):
-            _FP32_ADDMM[kind] = False
-    if _FP32_ADDMM[kind]:
-        torch.addmm(gw, ds.T, h, out_dtype=torch.float32, out=gw)
-        return
-    step = max(1, _CHUNK_BYTES // (h.shape[1] * h.element_size()))  # Llama-3 bf16: 32768 vocab rows
-    for v0 in range(0, gw.shape[0], step):
-        gw[v0 : v0 + step] += ds[:, v0 : v0 + step].T @ h
+            _FP32_OUT_GEMM[kind] = False
+    return _FP32_OUT_GEMM[kind]
 
 
-def _triton_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, need):
+def _grad_weight_chunk(gw, ds: torch.Tensor, h: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """One chunk's ``ds.T @ h`` (``ds (C, V)``, ``h (C, D)`` in the compute dtype) into ``grad_weight``.
+
+    ``gw`` None (the first chunk): the product itself, a new ``(V, D)`` tensor in ``out_dtype`` (no zero-filled
+    accumulator, no read-modify-write); ``out_dtype`` is the compute dtype only for a single chunk (one GEMM
+    straight into the gradient: fp32 accumulation inside the GEMM, one rounding), else fp32 (fp64 on the torch
+    backend). Later chunks: ``gw += product`` in place. fp16 / bf16 operands into fp32: the GEMM's fp32 output
+    where torch has one (cuBLAS, recent torch); else in vocabulary slices whose temporaries stay within
+    ``_CHUNK_BYTES``: on CPU the operands upcast (exact products, fp32 sums: what the fp32-output GEMM gives), on
+    CUDA each slice's product rounded once to the compute dtype (a half-precision GEMM) and added in fp32."""
+    if gw is None and out_dtype == ds.dtype:
+        return ds.T @ h
+    if gw is not None and ds.dtype == gw.dtype:
+        return gw.addmm_(ds.T, h)
+    if _fp32_out_gemm(ds.device, ds.dtype):
+        if gw is None:
+            return torch.mm(ds.T, h, out_dtype=torch.float32)
+        return torch.addmm(gw, ds.T, h, out_dtype=torch.float32, out=gw)
+    V, (C, D) = ds.shape[1], h.shape
+    upcast = ds.device.type == "cpu"
+    if upcast:
+        h = h.to(out_dtype)
+    # Llama-3 bf16 on CUDA: 32768 vocabulary rows per slice
+    step = max(1, _CHUNK_BYTES // (max(C, D) * (4 if upcast else h.element_size())))
+    first = gw is None
+    if first and step >= V and upcast:  # one slice: the product is the gradient
+        return ds.T.to(out_dtype) @ h
+    if first:
+        gw = torch.empty(V, D, device=ds.device, dtype=out_dtype)  # every slice is assigned below
+    for v0 in range(0, V, step):
+        part = ds[:, v0 : v0 + step].T
+        product = (part.to(out_dtype) if upcast else part) @ h
+        if first:
+            gw[v0 : v0 + step] = product
+        else:
+            gw[v0 : v0 + step] += product
+    return gw
+
+
+def _row_scale(scale, rows: torch.Tensor):
+    """The upstream scale of the target ``rows``: a float, a 0-d tensor (one for all) or ``(N,)`` per token."""
+    if isinstance(scale, torch.Tensor) and scale.dim() == 1:
+        return scale[rows].float()
+    return scale
+
+
+def _triton_chunks(
+    hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, need, out_dtypes
+):
     """The chunked path on the GPU, same contract as :func:`_torch_chunks`: GEMMs on torch (cuBLAS) in the
     compute dtype, the row step in :func:`_flce_rows_kernel` (fp32 inside, gradient in place)."""
     N, (V, D) = hidden.shape[0], weight.shape
@@ -484,15 +553,17 @@ def _triton_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, 
     f32 = dict(device=dev, dtype=torch.float32)
     loss, zterm = torch.zeros(N, **f32), torch.zeros(N, **f32)
     hits = torch.zeros(N, device=dev, dtype=torch.bool)
-    gh = torch.zeros(N, D, device=dev, dtype=dtype) if need[0] else None
-    gw = torch.zeros(V, D, **f32) if need[1] else None  # frozen lm_head: no grad_weight at all
+    gh = torch.zeros(N, D, device=dev, dtype=out_dtypes[0]) if need[0] else None
+    gw = None  # frozen lm_head: no grad_weight at all; else the first chunk's product
     gb = torch.zeros(V, **f32) if need[2] else None
+    step = _chunk_rows(max(n, 1), V, hidden.element_size())
+    # one chunk: grad_weight is that chunk's GEMM, in the weight's own dtype (fp32 master weights: fp32 output)
+    w_acc = out_dtypes[1] if n <= step and out_dtypes[1] in (dtype, torch.float32) else torch.float32
     if n:
         y, wts = labels[rows].to(torch.int32), weights[rows].float()
-        gscale = wts if scale is None else wts * scale[rows].float()
+        gscale = wts if scale is None else wts * _row_scale(scale, rows)
         loss_n, zt_n = torch.empty(n, **f32), torch.empty(n, **f32)
         arg_n = torch.empty(n, device=dev, dtype=torch.int32)
-        step = _chunk_rows(n, V, hidden.element_size())
         buf = torch.empty(step, V, device=dev, dtype=dtype)  # the only (rows, V) tensor: <= _CHUNK_BYTES
         opts = (float(softcap or 0.0), float(smoothing), float(z_loss))
         for start in range(0, n, step):
@@ -506,29 +577,34 @@ def _triton_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, 
                 HAS_SOFTCAP=softcap is not None, WRITE_GRAD=any(need), **_ROWS_CONFIG,
             )  # fmt: skip
             if gh is not None:  # z now holds d loss / d z
-                gh.index_copy_(0, idx, z @ weight)
-            if gw is not None:
-                _add_grad_weight(gw, z, h)
+                gh.index_copy_(0, idx, (z @ weight).to(gh.dtype))
+            if need[1]:
+                gw = _grad_weight_chunk(gw, z, h, w_acc)
             if gb is not None:
                 gb += z.sum(0, dtype=torch.float32)
         loss.index_copy_(0, rows, loss_n)
         zterm.index_copy_(0, rows, zt_n)
         hits.index_copy_(0, rows, arg_n == y)
-    grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip((gh, gw, gb), (hidden, weight, bias)))
+    if need[1] and gw is None:  # no target rows
+        gw = torch.zeros(V, D, device=dev, dtype=out_dtypes[1])
+    grads = tuple(None if g is None else g.to(dt) for g, dt in zip((gh, gw, gb), out_dtypes))
     return loss, zterm, hits, grads
 
 
-def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, need):
+def _torch_chunks(
+    hidden, weight, bias, labels, rows, weights, scale, softcap, smoothing, z_loss, need, out_dtypes
+):
     """The chunked path: per-token loss and z-term ``(N,)`` fp32, argmax hits ``(N,)`` bool (False where
-    ignored), and the gradients of ``sum_i scale[i] * loss_i`` (``scale`` defaults to 1) for the inputs flagged in
-    ``need`` = (hidden, weight, bias); None for others."""
+    ignored), and the gradients of ``sum_i scale[i] * loss_i`` (``scale``: None for 1, a float or 0-d tensor for
+    every token, or ``(N,)``) for the inputs flagged in ``need`` = (hidden, weight, bias), in ``out_dtypes`` (the
+    leaves' dtypes); None for others. ``hidden``, ``weight``, ``bias`` are in the compute dtype."""
     N, (V, D) = hidden.shape[0], weight.shape
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.zeros(N, device=hidden.device, dtype=acc_dtype)
     zterm = torch.zeros_like(loss)
     hits = torch.zeros(N, device=hidden.device, dtype=torch.bool)
     gh = torch.zeros(N, D, device=hidden.device, dtype=acc_dtype) if need[0] else None
-    gw = torch.zeros(V, D, device=weight.device, dtype=acc_dtype) if need[1] else None  # frozen lm_head: skip
+    gw = None  # frozen lm_head: skip; else the first chunk's product, then accumulated in place
     gb = torch.zeros(V, device=weight.device, dtype=acc_dtype) if need[2] else None
     step = max(1, _CHUNK_ELEMS // V)
     for start in range(0, rows.numel(), step):
@@ -551,7 +627,7 @@ def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, s
         if not any(need):
             continue
         # d loss_i / d s = w_i * ((1 + 2 z lse) softmax - (1 - eps) onehot(y) - eps / V), in place over z
-        row_scale = wt if scale is None else wt * scale[idx].to(acc_dtype)
+        row_scale = wt if scale is None else wt * _row_scale(scale, idx)
         ds = z.sub_(lse[:, None]).exp_().mul_((row_scale * (1.0 + 2.0 * z_loss * lse))[:, None])
         ds.scatter_add_(1, y[:, None], (-(1.0 - smoothing) * row_scale)[:, None])
         if smoothing:
@@ -560,11 +636,13 @@ def _torch_chunks(hidden, weight, bias, labels, rows, weights, scale, softcap, s
             ds.mul_(1.0 - t * t)
         if gh is not None:
             gh[idx] = (ds.to(hidden.dtype) @ weight).to(acc_dtype)
-        if gw is not None:
-            gw.addmm_(ds.T, h.to(acc_dtype))
+        if need[1]:
+            gw = _grad_weight_chunk(gw, ds, h.to(acc_dtype), acc_dtype)
         if gb is not None:
             gb += ds.sum(0)
-    grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip((gh, gw, gb), (hidden, weight, bias)))
+    if need[1] and gw is None:  # no target rows
+        gw = torch.zeros(V, D, device=weight.device, dtype=acc_dtype)
+    grads = tuple(None if g is None else g.to(dt) for g, dt in zip((gh, gw, gb), out_dtypes))
     return loss.float(), zterm.float(), hits, grads
 
 
@@ -575,56 +653,115 @@ def _reduce(per_token, reduction, count):
     return total / max(count, 1) if reduction == "mean" else total
 
 
+def _cast(tensors, dtype):
+    """The leaves in the compute dtype (the same tensors where they already are)."""
+    return [None if x is None else x.to(dtype) for x in tensors]
+
+
+def _known_one(grad: torch.Tensor) -> bool | None:
+    """Whether the 0-d upstream gradient is exactly 1, where that costs no device sync: read on the host for a
+    CPU tensor; None (unknown) on an accelerator, where reading it would wait for the device."""
+    return grad.item() == 1 if grad.device.type == "cpu" else None
+
+
+def _scale_unless_one(x: torch.Tensor, factor: torch.Tensor, one: bool | None) -> None:
+    """``x *= factor`` (0-d) in place, skipped where ``factor`` is 1: known on the host (``one``), else (None: on
+    a GPU) tested on the device by :func:`_flce_scale_kernel`, which then reads and writes nothing of ``x``."""
+    if one:
+        return
+    interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    on_device = x.is_cuda or interpreted  # CPU tensors: the interpreter (tests)
+    if one is None and triton is not None and on_device and x.is_contiguous() and x.dtype in _SCALE_DTYPES:
+        f = factor.to(device=x.device, dtype=torch.float32).reshape(1)
+        _flce_scale_kernel[(triton.cdiv(x.numel(), _SCALE_CONFIG["BLOCK"]),)](
+            x, f, x.numel(), **_SCALE_CONFIG
+        )
+    else:
+        x.mul_(factor)
+
+
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 class _ChunkedFLCE(torch.autograd.Function):
-    """impl="chunked": logits of a chunk of target rows at a time, gradients computed in the forward pass."""
+    """impl="chunked": logits of a chunk of target rows at a time, gradients computed in the forward pass.
+
+    The gradients are those of the loss as returned (``reduction="mean"``'s ``1 / count`` included), kept on
+    ``ctx`` and handed over in backward: returned as they are when the upstream gradient is known to be 1, else
+    scaled in place (no copy either way), so autograd takes them as ``.grad`` without another ``(V, D)`` tensor.
+    A second backward through the same graph (``retain_graph=True``) recomputes them."""
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss, reduction, need, chunks
-    ):
+        ctx, hidden, weight, bias, labels, rows, weights, softcap, smoothing, z_loss, reduction, need, chunks, dtype,
+    ):  # fmt: skip
         # need: which of (hidden, weight, bias) get gradients (none under no_grad: inference costs one matmul)
-        # chunks: the row step, _torch_chunks or _triton_chunks
-        opts = (softcap, smoothing, z_loss, need)
-        loss, zterm, hits, grads = chunks(hidden, weight, bias, labels, rows, weights, None, *opts)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, weights, *grads)
-        ctx.cfg = (opts, reduction, rows.numel(), chunks)
+        # chunks: the row step, _torch_chunks or _triton_chunks; dtype: the compute dtype (autocast's, if on)
+        out_dtypes = tuple(None if x is None else x.dtype for x in (hidden, weight, bias))
+        opts = (softcap, smoothing, z_loss, need, out_dtypes)
+        unit = 1.0 / max(rows.numel(), 1) if reduction == "mean" else None  # the mean's scale, known here
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w, b = _cast((hidden, weight, bias), dtype)
+            loss, zterm, hits, grads = chunks(h, w, b, labels, rows, weights, unit, *opts)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, weights)
+        ctx.grads = list(grads)
+        ctx.cfg = (opts, reduction, rows.numel(), chunks, dtype, unit)
         ctx.mark_non_differentiable(hits)
         return _reduce(loss, reduction, rows.numel()), _reduce(zterm, reduction, rows.numel()), hits
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z, _grad_hits):
-        hidden, weight, bias, labels, rows, weights, gh, gw, gb = ctx.saved_tensors
-        opts, reduction, count, chunks = ctx.cfg
-        if reduction == "mean":
-            grad_loss = grad_loss / max(count, 1)
+        hidden, weight, bias, labels, rows, weights = ctx.saved_tensors
+        opts, reduction, count, chunks, dtype, unit = ctx.cfg
+        grads, ctx.grads = ctx.grads, None  # handed over: no reference left here, autograd may keep them
+
+        def recompute(scale):
+            with torch.autocast(hidden.device.type, enabled=False):
+                h, w, b = _cast((hidden, weight, bias), dtype)
+                return chunks(h, w, b, labels, rows, weights, scale, *opts)[3]
+
         if reduction == "none":
             g = grad_loss[rows]
-            if g.numel() and not bool((g == g[0]).all()):  # per-token scales: recompute with them
-                grads = chunks(hidden, weight, bias, labels, rows, weights, grad_loss, *opts)[3]
-                return *grads, *([None] * 9)
-            grad_loss = g[0] if g.numel() else grad_loss.new_zeros(())
-        grads = [None if x is None else x * grad_loss.to(x.dtype) for x in (gh, gw, gb)]
-        return *grads, *([None] * 9)
+            uniform, one = True, False
+            if g.numel():  # one host read (as the uniformity check always was): uniform, and exactly 1
+                uniform, one = torch.stack(((g == g[0]).all(), g[0] == 1)).tolist()
+            if not uniform:  # per-token scales: recompute with them
+                return *recompute(grad_loss), *([None] * 10)
+            factor = g[0] if g.numel() else grad_loss.new_zeros(())
+        else:
+            factor, one = grad_loss, _known_one(grad_loss)
+        if grads is None:  # a second backward (retain_graph): the first one handed the gradients over
+            return *recompute(factor if unit is None else factor * unit), *([None] * 10)
+        for x in grads:
+            if x is not None:
+                _scale_unless_one(x, factor, one)
+        return *grads, *([None] * 10)
 
 
 class _NoLogitsFLCE(torch.autograd.Function):
     """impl="triton": the Triton kernels that recompute the logits tile by tile and never hold them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, y, wts, softcap, smoothing, z_loss, reduction, filter_eps):
+    def forward(
+        ctx, hidden, weight, bias, rows, y, wts, softcap, smoothing, z_loss, reduction, filter_eps, dtype
+    ):
         # rows, y: (n,) int32 target rows of hidden and their targets; wts: (n,) fp32 their loss weights
+        # dtype: the compute dtype (autocast's, if on): the kernels read the leaves cast to it
+        ctx.out_dtypes = tuple(None if x is None else x.dtype for x in (hidden, weight, bias))
+        hidden, weight, bias = _cast((hidden, weight, bias), dtype)
         N, V, n = hidden.shape[0], weight.shape[0], rows.numel()
         loss = torch.zeros(N, device=hidden.device, dtype=torch.float32)
         zterm = torch.zeros_like(loss)
         hits = torch.zeros(N, device=hidden.device, dtype=torch.bool)
         lse = loss.new_zeros(0)
         if n:
-            lse, s_y, s_sum, argmax = _triton_forward(hidden, weight, bias, rows, y, softcap)
-            zt = z_loss * lse * lse
-            ce = lse - (1.0 - smoothing) * s_y - smoothing / V * s_sum
-            loss.index_copy_(0, rows.long(), wts * (ce + zt))
-            zterm.index_copy_(0, rows.long(), wts * zt)
-            hits.index_copy_(0, rows.long(), argmax == y)
+            with torch.autocast(hidden.device.type, enabled=False):
+                lse, s_y, s_sum, argmax = _triton_forward(hidden, weight, bias, rows, y, softcap)
+                zt = z_loss * lse * lse
+                ce = lse - (1.0 - smoothing) * s_y - smoothing / V * s_sum
+                loss.index_copy_(0, rows.long(), wts * (ce + zt))
+                zterm.index_copy_(0, rows.long(), wts * zt)
+                hits.index_copy_(0, rows.long(), argmax == y)
         ctx.save_for_backward(hidden, weight, bias, rows, y, wts, lse)
         ctx.cfg = (softcap, smoothing, z_loss, reduction, filter_eps)
         ctx.mark_non_differentiable(hits)
@@ -642,19 +779,20 @@ class _NoLogitsFLCE(torch.autograd.Function):
         scale = (wts * grad_loss.float()).contiguous()  # (n,): a scalar grad_loss broadcasts
         grads = (None, None, None)
         if n and any(need):
-            grads = _triton_backward(
-                hidden, weight, bias, rows, y, scale, lse, softcap, smoothing, z_loss, filter_eps, need
-            )
+            with torch.autocast(hidden.device.type, enabled=False):
+                grads = _triton_backward(
+                    hidden, weight, bias, rows, y, scale, lse, softcap, smoothing, z_loss, filter_eps, need
+                )
         out = []
-        for x, g, needed in zip((hidden, weight, bias), grads, need):
+        for i, (x, g, needed, dt) in enumerate(zip((hidden, weight, bias), grads, need, ctx.out_dtypes)):
             if not needed:
                 out.append(None)
-            elif x is hidden:  # (n, D) rows of grad_hidden; ignored tokens get 0
-                gx = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
-                out.append(gx if g is None else gx.index_copy_(0, rows.long(), g.to(x.dtype)))
+            elif i == 0:  # (n, D) rows of grad_hidden; ignored tokens get 0
+                gx = torch.zeros(x.shape, device=x.device, dtype=dt)
+                out.append(gx if g is None else gx.index_copy_(0, rows.long(), g.to(dt)))
             else:
-                out.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
-        return *out, *([None] * 8)
+                out.append(torch.zeros(x.shape, device=x.device, dtype=dt) if g is None else g.to(dt))
+        return *out, *([None] * 9)
 
 
 def _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoothing, z_loss, backend, impl):
@@ -674,18 +812,20 @@ def _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoo
         raise ValueError(f"labels must be (N={hidden.shape[0]},); got shape {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be int64 or int32; got {labels.dtype}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in (
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    if (
+        hidden.dtype not in floats
+        or weight.dtype not in floats
+        or (hidden.dtype != weight.dtype and not autocast)
     ):
         raise ValueError(
-            f"hidden and weight must share one of fp16/bf16/fp32/fp64; got {hidden.dtype}, {weight.dtype}"
+            f"hidden and weight must share one of fp16/bf16/fp32/fp64 (under torch.autocast they may differ); "
+            f"got {hidden.dtype}, {weight.dtype}"
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be (V={weight.shape[0]},); got shape {tuple(bias.shape)}")
-    if bias is not None and bias.dtype != weight.dtype:
+    if bias is not None and bias.dtype != weight.dtype and not (autocast and bias.dtype in floats):
         raise ValueError(f"bias must have weight's dtype {weight.dtype}; got {bias.dtype}")
     if weights is not None and weights.shape != (hidden.shape[0],):
         raise ValueError(f"weights must be (N={hidden.shape[0]},); got shape {tuple(weights.shape)}")
@@ -699,6 +839,22 @@ def _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoo
         raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
     if z_loss < 0:
         raise ValueError(f"z_loss must be >= 0; got {z_loss}")
+
+
+def _compute_dtype(hidden, weight, bias) -> torch.dtype:
+    """The dtype of the lm_head product: ``F.linear``'s. Under ``torch.autocast`` for the tensors' device, the
+    autocast dtype (fp16 / bf16 / fp32 inputs may differ; float64 is never cast, so it must be all float64);
+    else the inputs' own dtype."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden.dtype
+    dtypes = {x.dtype for x in (hidden, weight, bias) if x is not None}
+    if torch.float64 in dtypes:
+        if dtypes != {torch.float64}:
+            raise ValueError(f"under torch.autocast float64 is not cast: hidden, weight, bias must all be float64 "
+                             f"or none of them; got {sorted(map(str, dtypes))}")  # fmt: skip
+        return torch.float64
+    return torch.get_autocast_dtype(device)
 
 
 def _check_targets(labels: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int) -> None:
@@ -740,9 +896,11 @@ def fused_linear_cross_entropy(
 
     Args:
         hidden: ``(N, H)`` final hidden states (flatten batch and time), fp16/bf16/fp32 (fp64: torch only).
-        weight: ``(V, H)`` lm_head weight, same dtype as ``hidden``.
+        weight: ``(V, H)`` lm_head weight, same dtype as ``hidden`` (under ``torch.autocast`` any of
+            fp16/bf16/fp32: the product runs in the autocast dtype, each gradient comes in its leaf's dtype, an
+            fp32 master weight gets the fp32 gradient without a round trip through the compute dtype).
         labels: ``(N,)`` int64/int32 targets; ``ignore_index`` marks tokens without a target.
-        bias: optional ``(V,)`` lm_head bias.
+        bias: optional ``(V,)`` lm_head bias, in the weight's dtype (under autocast: any of fp16/bf16/fp32).
         reduction: ``"mean"`` (weighted sum over the number of non-ignored tokens; 0 if there are none),
             ``"sum"``, or ``"none"`` (``(N,)`` fp32, 0 at ignored tokens).
         softcap: Gemma-style logit soft-capping ``softcap * tanh(logits / softcap)``.
@@ -772,7 +930,8 @@ def fused_linear_cross_entropy(
     Returns:
         The loss (including the z-loss term), then ``z_term`` when ``return_z_loss``, then ``hits`` when
         ``return_hits``: ``loss``, ``(loss, z_term)``, ``(loss, hits)`` or ``(loss, z_term, hits)``.
-        Differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+        The loss is fp32 (under autocast too). Differentiable with respect to ``hidden``, ``weight`` and
+        ``bias``; their gradients come in their own dtypes.
     """
     _check(hidden, weight, labels, bias, weights, reduction, softcap, label_smoothing, z_loss, backend, impl)
     if not (
@@ -798,10 +957,11 @@ def fused_linear_cross_entropy(
             f"impl='triton' runs the Triton kernels, but the backend is torch ({hidden.device.type} tensors): "
             "use impl='chunked' (or 'auto'), or CUDA tensors / backend='triton'"
         )
+    dtype = _compute_dtype(hidden, weight, bias)
     if backend == "triton":
         if triton is None:
             raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
-        if hidden.dtype == torch.float64:
+        if dtype == torch.float64:
             raise ValueError("backend='triton' takes fp16/bf16/fp32 hidden and weight; got float64")
     # Row strides are kernel arguments (no copy of a sliced lm_head); only the hidden dimension must be dense.
     hidden, weight = (x if x.stride(1) == 1 else x.contiguous() for x in (hidden, weight))
@@ -815,10 +975,10 @@ def fused_linear_cross_entropy(
     opts = (softcap, float(label_smoothing), float(z_loss), reduction)
     if impl == "triton":
         if filter_eps == "auto":
-            filter_eps = torch.finfo(hidden.dtype).eps / 32
+            filter_eps = torch.finfo(dtype).eps / 32
         y, wts = labels[rows].to(torch.int32), weights[rows].float()
         loss, zterm, hits = _NoLogitsFLCE.apply(
-            hidden, weight, bias, rows.to(torch.int32), y, wts, *opts, filter_eps
+            hidden, weight, bias, rows.to(torch.int32), y, wts, *opts, filter_eps, dtype
         )
     else:
         need = tuple(
@@ -826,7 +986,7 @@ def fused_linear_cross_entropy(
         )
         chunks = _triton_chunks if backend == "triton" else _torch_chunks
         loss, zterm, hits = _ChunkedFLCE.apply(
-            hidden, weight, bias, labels, rows, weights, *opts, need, chunks
+            hidden, weight, bias, labels, rows, weights, *opts, need, chunks, dtype
         )
     out = (loss,) + ((zterm.detach(),) if return_z_loss else ()) + ((hits,) if return_hits else ())
     return out if len(out) > 1 else loss
@@ -959,6 +1119,20 @@ def aot_specs() -> list:
                 config=f"{dtype} softcap={int(has_softcap)} grad={int(write_grad)} "
                 f"V%16={'0' if v16 else 'odd'} BLOCK_V={_ROWS_CONFIG['BLOCK_V']} w{_ROWS_CONFIG['num_warps']}",
                 aligned=tuple(aligned),
+            )
+        )
+    # backward's in-place scale of the gradients precomputed by the chunked path (skipped on the device at 1)
+    for dtype in ("bf16", "fp16", "fp32"):
+        specs.append(
+            AotSpec(
+                kernel="flce_scale",
+                fn=_flce_scale_kernel,
+                signature={"X": "*" + dtype, "S": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+                constexprs=dict(BLOCK=_SCALE_CONFIG["BLOCK"]),
+                num_warps=_SCALE_CONFIG["num_warps"],
+                num_stages=3,
+                config=f"{dtype} BLOCK={_SCALE_CONFIG['BLOCK']} w{_SCALE_CONFIG['num_warps']}",
+                aligned=("X", "S", "n"),
             )
         )
     return specs

@@ -245,16 +245,24 @@ def test_triton_interpreter(case):
 def test_aot_compiles(aot_records):
     """Every launched configuration compiles for sm_80 and sm_90 with no register spills; HGMMA on sm_90
     wherever the dot may use tensor cores (everything but fp32 under IEEE precision; the chunked path's row
-    kernel has no dot)."""
+    kernel and backward's scale kernel have no dot)."""
     records = [r for r in aot_records if r["kernel"].startswith("flce_")]
-    assert len(records) == 2 * len(ce_mod.aot_specs()) == 106
-    assert {r["kernel"] for r in records} == {"flce_fwd", "flce_bwd_dh", "flce_bwd_dw", "flce_rows"}
+    assert len(records) == 2 * len(ce_mod.aot_specs()) == 112
+    assert {r["kernel"] for r in records} == {
+        "flce_fwd",
+        "flce_bwd_dh",
+        "flce_bwd_dw",
+        "flce_rows",
+        "flce_scale",
+    }
     spilled = [(r["kernel"], r["config"], r["arch"], r["stack_bytes"]) for r in records if r["stack_bytes"]]
     assert not spilled
     tensor_cores = [
         r
         for r in records
-        if r["arch"] == "sm_90" and " ieee " not in r["config"] and r["kernel"] != "flce_rows"
+        if r["arch"] == "sm_90"
+        and " ieee " not in r["config"]
+        and r["kernel"] not in ("flce_rows", "flce_scale")
     ]
     assert tensor_cores and all(r["hgmma"] > 0 for r in tensor_cores)
 
@@ -638,7 +646,10 @@ def test_chunked_triton_logits_stay_within_the_buffer_bound(dtype, monkeypatch):
     views_of_weight = ("aten.permute.default", "aten.t.default", "aten.transpose.int")  # (D, V): not logits
     logits = [s[0] * V * e for f, s, e in mode.seen if len(s) == 2 and s[1] == V and f not in views_of_weight]
     assert logits and max(logits) <= bound
-    products = [math.prod(s) * e for f, s, e in mode.seen if f.startswith(("aten.mm.", "aten.addmm."))]
+    # grad_weight (V, D) itself is no temporary: the first chunk's GEMM writes it (fp32: one GEMM, no slices)
+    products = [
+        math.prod(s) * e for f, s, e in mode.seen if f.startswith(("aten.mm.", "aten.addmm.")) and s != (V, D)
+    ]
     assert products and max(products) <= bound
     gemm_rows = sum(s[0] for f, s, _ in mode.seen if f.startswith("aten.mm") and len(s) == 2 and s[1] == V)
     assert gemm_rows == int((labels != IGNORE).sum())
@@ -770,3 +781,226 @@ def test_an_unwritten_output_shows_as_nan(kernel, impl, monkeypatch):
         hidden, weight, labels, backend="triton", impl=impl, reduction="none", return_hits=True
     )
     assert loss.isnan().any() and not hits[-1]
+
+
+# ------------------------------------------------------------------------ autocast, single chunk, handover
+
+AUTOCAST_CASES = {  # backend, impl
+    "torch_chunked": ("torch", "chunked"),
+    "triton_chunked": ("triton", "chunked"),
+    "triton_triton": ("triton", "triton"),
+    "triton_auto": ("triton", "auto"),
+}
+
+
+@pytest.mark.parametrize("leaves", ["fp32", "bf16_hidden"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", AUTOCAST_CASES, ids=list(AUTOCAST_CASES))
+def test_autocast_direct_call(case, reduction, leaves, small_logits_buffer):
+    """Called directly under torch.autocast (bf16) with fp32 leaves (or bf16 hidden states and an fp32 master
+    weight and bias): the product runs in bf16 as ``F.linear``'s would, and the outputs come in the dtypes that
+    ``F.cross_entropy(F.linear(h, W, b))`` under the same autocast gives (loss fp32, each gradient in its leaf's
+    dtype), with the values of the float64 reference on the bf16-rounded leaves; several chunks (37 rows, 7 per
+    chunk in fp32 logits) and one. The chunked triton path used to raise in ``index_copy_`` (Float vs BFloat16)."""
+    backend, impl = AUTOCAST_CASES[case]
+    if backend == "triton":
+        pytest.importorskip("triton")
+    for N in (37, 5):
+        hidden, weight, b, labels, w = make_inputs(N, 48, 1003, bias=True, weights=True, seed=N)
+        if leaves == "bf16_hidden":
+            hidden = hidden.bfloat16()
+        leaf = [t.requires_grad_() for t in (hidden, weight, b)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, weights=w, reduction=reduction,
+                                              label_smoothing=0.1, backend=backend, impl=impl)  # fmt: skip
+            plain = F.cross_entropy(
+                F.linear(hidden, weight, b), labels, reduction=reduction, ignore_index=IGNORE
+            )
+        go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+        grads = torch.autograd.grad(loss, leaf, go)
+        plain_grads = torch.autograd.grad(plain, leaf, torch.ones_like(plain))
+        assert loss.dtype == plain.dtype == torch.float32
+        assert [g.dtype for g in grads] == [g.dtype for g in plain_grads] == [t.dtype for t in leaf]
+        rounded = [t.detach().bfloat16().double().requires_grad_() for t in leaf]
+        ref = fused_linear_cross_entropy_reference(*rounded[:2], labels, bias=rounded[2], weights=w.double(),
+                                                   reduction=reduction, label_smoothing=0.1)  # fmt: skip
+        ref_grads = torch.autograd.grad(ref, rounded, go.double())
+        torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-2, rtol=2e-2)
+        for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+            torch.testing.assert_close(
+                got.double(), want, atol=1e-2, rtol=5e-2, msg=lambda m, n=name: f"{n}: {m}"
+            )
+
+
+class _VocabOps:
+    """A TorchDispatchMode recording ``(phase, op, shape, dtype)`` of every op output of the given shapes."""
+
+    def __new__(cls, shapes):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.phase, self.seen = "forward", []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and tuple(t.shape) in shapes:
+                        self.seen.append((self.phase, str(func), tuple(t.shape), t.dtype))
+                return out
+
+        return Mode()
+
+
+SINGLE_CHUNK_CASES = {  # backend, leaves' dtype, autocast
+    "torch_fp32": ("torch", torch.float32, False),
+    "triton_fp32": ("triton", torch.float32, False),
+    "triton_bf16": ("triton", torch.bfloat16, False),
+    "triton_autocast_fp32_leaves": ("triton", torch.float32, True),
+}
+
+
+@pytest.mark.parametrize("upstream", [1.0, 2.5])
+@pytest.mark.parametrize("case", SINGLE_CHUNK_CASES, ids=list(SINGLE_CHUNK_CASES))
+def test_single_chunk_writes_its_gradients_straight(case, upstream):
+    """One chunk of target rows: grad_weight is that chunk's GEMM written straight into a new tensor (no zero-fill
+    of a (V, D) accumulator, no addmm into it, no copy to another dtype; fp32 master weights under autocast get
+    the fp32 product itself, no bf16 (V, D) tensor but autocast's compute copy of the weight). Backward hands the
+    gradients computed in the forward pass over: untouched when the upstream gradient is 1 (read on the host for
+    CPU tensors: no device sync), else scaled in place; no new (V, D) or (N, D) tensor either way."""
+    backend, dtype, autocast = SINGLE_CHUNK_CASES[case]
+    if backend == "triton":
+        pytest.importorskip("triton")
+    N, D, V = 24, 40, 72  # distinct, so (V, D) and (N, D) tensors are recognisable
+    hidden, weight, _, labels, _ = make_inputs(N, D, V, dtype=dtype, ignore_frac=0.5, seed=5)
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    with _VocabOps({(V, D), (N, D)}) as mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fused_linear_cross_entropy(hidden, weight, labels, backend=backend, impl="chunked")
+        mode.phase = "backward"
+        grads = torch.autograd.grad(loss, leaves, torch.tensor(upstream))
+    ops = mode.seen
+    vd = [(ph, f, dt) for ph, f, s, dt in ops if s == (V, D)]
+    assert not [o for o in ops if o[1].split(".")[1] in ("zero_", "fill_", "zeros", "new_zeros", "zeros_like")
+                and o[2] == (V, D)], ops  # fmt: skip
+    assert not [o for o in vd if "addmm" in o[1]], vd
+    forward_vd = [(f, dt) for ph, f, dt in vd if ph == "forward"]
+    compute_copy = [("aten._to_copy.default", torch.bfloat16)] if autocast else []
+    assert forward_vd == compute_copy + [("aten.mm.default", dtype)], forward_vd
+    backward = [(f, s) for ph, f, s, _ in ops if ph == "backward"]
+    assert backward == (
+        [] if upstream == 1.0 else [("aten.mul_.Tensor", (N, D)), ("aten.mul_.Tensor", (V, D))]
+    )
+    assert [g.dtype for g in grads] == [dtype, dtype]
+    rh, rw = (t.detach().bfloat16().double() if autocast else t.detach().double() for t in leaves)
+    rh.requires_grad_(), rw.requires_grad_()
+    ref = fused_linear_cross_entropy_reference(rh, rw, labels)
+    tol = (
+        dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 and not autocast else dict(atol=1e-2, rtol=5e-2)
+    )
+    for got, want in zip(grads, torch.autograd.grad(ref, [rh, rw], torch.tensor(upstream).double())):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp32_master_weight_gradient_is_not_rounded(backend, small_chunks, small_logits_buffer):
+    """Autocast training, the common case: fp32 hidden states and master weight, the product in bf16. The weight's
+    gradient is the fp32 accumulator handed over, so (torch backend: fp32 row step) it matches the float64
+    reference of the bf16-rounded leaves far below bf16's resolution; casting the weight to bf16 outside (the
+    old route) rounds it to bf16 and back, ~2^-9 relative. Triton backend (bf16 logits gradient, its own rounding):
+    the gradient is fp32 and no bf16 (V, D) tensor exists but autocast's compute copy of the weight."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    N, D, V = 64, 40, 1003  # several chunks on both backends
+    hidden, weight, _, labels, _ = make_inputs(N, D, V, ignore_frac=0.1, seed=9)
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    with _VocabOps({(V, D)}) as mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", backend=backend)
+        gw = torch.autograd.grad(loss, leaves)[1]
+    assert gw.dtype == torch.float32
+    assert [o for o in mode.seen if o[3] == torch.bfloat16] == [("forward", "aten._to_copy.default", (V, D),
+                                                                 torch.bfloat16)]  # fmt: skip
+    rh, rw = (t.detach().bfloat16().double().requires_grad_() for t in leaves)
+    z = rh @ rw.T
+    z = z + (z.bfloat16().double() - z).detach()  # the bf16 logits of F.linear under autocast, float64 after
+    want = torch.autograd.grad(F.cross_entropy(z, labels, ignore_index=IGNORE, reduction="sum"), rw)[0]
+    scale = want.abs().max().item()
+    if backend == "torch":
+        assert (gw.double() - want).abs().max().item() < 2**-14 * scale
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the old route: a bf16 weight made outside
+            old = fused_linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels, reduction="sum")
+        round_trip = torch.autograd.grad(old, weight)[0]
+        assert (round_trip.double() - want).abs().max().item() > 2**-11 * scale
+    torch.testing.assert_close(gw.double(), want, atol=2e-2 * scale, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_retain_graph_second_backward_recomputes(backend, small_logits_buffer):
+    """The first backward hands its precomputed gradients over to autograd; a second one through the same graph
+    (retain_graph=True) recomputes them, so both are right (and the first result is not scaled again)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    hidden, weight, b, labels, w = make_inputs(37, 48, 1003, bias=True, weights=True, seed=4)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    for reduction in ("mean", "none"):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, weights=w, reduction=reduction,
+                                          backend=backend, impl="chunked")  # fmt: skip
+        go = torch.full(loss.shape, 3.0)
+        first = torch.autograd.grad(loss, leaves, go, retain_graph=True)
+        first_copy = [g.clone() for g in first]
+        second = torch.autograd.grad(loss, leaves, go * 2)
+        for a, a0, c in zip(first, first_copy, second):
+            assert torch.equal(a, a0)
+            torch.testing.assert_close(c, 2 * a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+def test_scale_kernel(dtype, monkeypatch):
+    """On a GPU the upstream gradient of a mean / sum loss is not read on the host (a sync): _flce_scale_kernel
+    tests it on the device, leaving the gradient untouched at 1 and otherwise scaling it in place as ``mul_``
+    does (fp32 product, one rounding). Through backward: the same gradients as the host path."""
+    pytest.importorskip("triton")
+    x = torch.randn(3 * 4096 + 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for f in (1.0, 2.5, -0.3):
+        got, want = x.clone(), x.clone().mul_(torch.tensor(f))
+        ce_mod._scale_unless_one(got, torch.tensor(f), None)
+        if (
+            dtype == torch.bfloat16 and f != 1.0
+        ):  # the interpreter truncates to bf16 (a GPU rounds to nearest)
+            torch.testing.assert_close(got, want, atol=0, rtol=2**-7)
+        else:
+            assert torch.equal(got, want), f
+    hidden, weight, b, labels, w = make_inputs(37, 48, 1003, bias=True, weights=True, seed=6)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    launches = []
+    for device_test in (False, True):
+        if device_test:  # as on a GPU: the factor is unknown on the host
+            monkeypatch.setattr(ce_mod, "_known_one", lambda g: None)
+            real = ce_mod._flce_scale_kernel
+            monkeypatch.setattr(ce_mod, "_flce_scale_kernel", _Recorded(real, launches))
+        runs = []
+        for reduction, upstream in (("mean", 1.0), ("sum", 2.5)):
+            loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, weights=w, reduction=reduction,
+                                              backend="triton", impl="chunked")  # fmt: skip
+            runs.append(torch.autograd.grad(loss, leaves, torch.tensor(upstream)))
+        if not device_test:
+            host = runs
+    assert len(launches) == 6  # hidden, weight, bias, in each of the two backward passes
+    for a, c in zip(host, runs):
+        for x, y in zip(a, c):
+            assert torch.equal(x, y)
+
+
+class _Recorded:
+    """A kernel whose launches are counted."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
