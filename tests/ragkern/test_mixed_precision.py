@@ -88,13 +88,14 @@ def test_no_leakage_under_autocast(one_thread, family, dtype):
 
 
 def test_fused_loss_runs_in_the_autocast_dtype(monkeypatch):
-    """fp32 master weights under bf16 autocast: the lm_head product gets bf16 operands, as F.linear would;
-    the per-token loss comes back fp32."""
+    """fp32 master weights under bf16 autocast: the fused loss gets them uncast and runs its product in bf16,
+    as F.linear would (the loss equals the unfused one's); the per-token loss comes back fp32, and the lm_head
+    weight's gradient fp32."""
     seen = []
     real = ragkern.loss.fused_linear_cross_entropy
 
     def spy(hidden, weight, *a, **kw):
-        seen.append((hidden.dtype, weight.dtype))
+        seen.append((hidden.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
         return real(hidden, weight, *a, **kw)
 
     monkeypatch.setattr(ragkern.loss, "fused_linear_cross_entropy", spy)
@@ -102,10 +103,18 @@ def test_fused_loss_runs_in_the_autocast_dtype(monkeypatch):
     model = tiny_model("llama")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, token_loss = causal_lm_loss(model, batch)
-    assert seen == [(torch.bfloat16, torch.bfloat16)]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert seen == [(torch.float32, torch.float32, True)]  # the loss casts under autocast, not the caller
     assert token_loss.dtype == torch.float32
+    unfused = torch.nn.functional.cross_entropy(
+        logits[0, :-1].float(), batch["labels"][0, 1:], ignore_index=-100, reduction="none"
+    )
+    mask = batch["labels"][0, 1:] != -100  # token_loss[b, t]: the loss of labels[b, t] from position t - 1
+    assert mask.any() and torch.allclose(token_loss[0, 1:][mask], unfused[mask], atol=2e-2)
+    token_loss.sum().backward()
+    assert model.get_output_embeddings().weight.grad.dtype == torch.float32
     _, token_loss = causal_lm_loss(model, batch)  # no autocast: fp32 stays fp32
-    assert seen[-1] == (torch.float32, torch.float32)
+    assert seen[-1] == (torch.float32, torch.float32, False)
 
 
 def test_rag_trainer_bf16_step_matches_a_plain_trainer_step(tmp_path, one_thread):
