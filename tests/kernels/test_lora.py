@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -129,6 +135,89 @@ def test_drop_rate(backend, p):
     # no structure along rows or columns: every row's rate is plausible
     rows = 1 - keep.float().mean(1)
     assert (rows - p).abs().max() < 6 * (p * (1 - p) / 300) ** 0.5
+
+
+def _philox4x32_10(seed: int, c0: np.ndarray, c1: np.ndarray) -> list[np.ndarray]:
+    """Philox4x32-10 (Salmon et al., SC'11) of counters (c0, c1, 0, 0) under the 64-bit key ``seed``, in numpy."""
+    mask = np.uint64(0xFFFFFFFF)
+    zero = np.zeros_like(c0, np.uint64)
+    c = [c0.astype(np.uint64), c1.astype(np.uint64), zero, zero]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0, p2 = c[0] * np.uint64(0xD2511F53), c[2] * np.uint64(0xCD9E8D57)
+        c = [(p2 >> np.uint64(32)) ^ c[1] ^ k0, p2 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c
+
+
+@pytest.mark.parametrize("T,K,p,seed", [(5, 67, 0.3, 1234), (3, 40, 0.9, 2**40 + 17)])
+def test_triton_mask_is_four_words_per_philox_call(T, K, p, seed):
+    """The documented mask of the triton path, from an independent Philox: element (t, k) keeps iff word k % 4 of
+    Philox4x32-10 at counter t * ceil(K / 4) + k // 4 is >= floor(p * 2^32); one call serves 4 elements (the
+    old mask, word 0 of one call per element compared as a float, fails this)."""
+    keep = dropout_keep_mask((T, K), p, seed, backend="triton").numpy()
+    t, k = np.meshgrid(np.arange(T), np.arange(K), indexing="ij")
+    words = _philox4x32_10(seed, (t * ((K + 3) // 4) + k // 4).astype(np.uint32), np.zeros((T, K), np.uint32))
+    word = np.choose(k % 4, words)
+    thr = int(min(np.float32(p) * np.float32(2.0**32), 4294967040.0))
+    np.testing.assert_array_equal(keep, word >= thr)
+
+
+def test_triton_mask_words_are_independent():
+    """The four words of one Philox call land on neighbouring columns: each column class k % 4 keeps at 1 - p,
+    and two words of one call agree no more often than independent draws would ((1 - p)^2 + p^2)."""
+    p, T, K = 0.3, 256, 256
+    keep = dropout_keep_mask((T, K), p, 11, backend="triton").view(T, K // 4, 4).float()
+    n = T * K // 4
+    for lane in range(4):
+        assert abs(1 - keep[..., lane].mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    agree = (1 - p) ** 2 + p**2
+    for i in range(4):
+        for j in range(i + 1, 4):
+            same = (keep[..., i] == keep[..., j]).float().mean().item()
+            assert abs(same - agree) < 5 * (agree * (1 - agree) / n) ** 0.5, (i, j, same)
+    other = dropout_keep_mask((T, K), p, 12, backend="triton")
+    assert not torch.equal(keep, other.view(T, K // 4, 4).float())
+
+
+# Compiles the dropout kernels for sm_90 (no GPU needed) and counts the Philox multiplies (umulhi) per element of
+# the tile that draws the mask: in TTIR (lanes of every tt.mulhiui, over BLOCK_M x BLOCK_K) and in PTX (mul.hi.u32
+# per thread, times the threads, over the tile). Run outside the interpreter, which cannot compile.
+_PHILOX_COUNT = r"""
+import json, math, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ragkern.kernels import _aot
+from ragkern.kernels.lora import aot_specs
+out = {}
+for spec in aot_specs():
+    if "dropout=1" not in spec.config or " R=16 " not in spec.config or "K%16" not in spec.config:
+        continue
+    sig, cx, attrs = _aot._specialised(spec)
+    k = triton.compile(ASTSource(spec.fn, sig, cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+    tile = spec.constexprs["BLOCK_M"] * spec.constexprs["BLOCK_K"]
+    lanes = sum(math.prod(int(d) for d in m.group(1).split("x"))
+                for m in re.finditer(r"tt\.mulhiui .*: tensor<([0-9x]+)xi32>", k.asm["ttir"]))
+    ptx = len(re.findall(r"\bmul\.hi\.u32\b", k.asm["ptx"])) * 32 * spec.num_warps
+    out[spec.kernel + " " + spec.config.split()[0]] = (lanes / tile, ptx / tile)
+print("PHILOX " + json.dumps(out))
+"""
+
+
+def test_dropout_kernels_draw_one_philox_call_per_four_elements():
+    """Structural: one Philox4x32-10 call has at most 20 32-bit multiply-highs and now serves 4 mask elements, so
+    the compiled dropout kernels (xa, dx, dA; fp16 and fp32 tiles) run <= 5 per element. The old
+    ``tl.rand(seed, t * K + k)`` ran one call per element: 17 per element in TTIR and ~14 in PTX for sm_90."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PHILOX_COUNT], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("PHILOX "))[7:])
+    assert {name.split()[0] for name in counts} == {"lora_xa", "lora_dx", "lora_da"}
+    assert {name.split()[1] for name in counts} == {"fp16", "bf16", "fp32"}
+    for name, (ttir, ptx) in counts.items():
+        assert 0 < ttir <= 5 and 0 < ptx <= 5, (name, ttir, ptx)
 
 
 def test_no_dropout_in_auto_on_cpu_is_torch_path():
