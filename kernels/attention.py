@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -613,6 +614,83 @@ class _Config:
 _INTERPRET_CONFIG = _Config(16, 16, 4, 1)
 
 
+def _bwd_key(head_dim: int, arch: int) -> tuple[int, int]:
+    """(arch class, head_dim bucket) of the fp16/bf16 backward tables: (80 | 90, 64 | 128 | 256)."""
+    return (90 if arch >= 90 else 80, 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)
+
+
+# fp16/bf16 backward candidates per _bwd_key: name -> (dK/dV, dQ). dK/dV's _Config is (query step BLOCK_M, keys per
+# program BLOCK_N, warps, stages); dQ's is (queries per program BLOCK_M, key step BLOCK_N, warps, stages).
+# "baseline": the tiles before issue 23. "flex": FlexAttention's default backward (torch 2.13,
+# _inductor/template_heuristics/triton.py, CUDAConfigHeuristic.get_flex_attn_bwd_configs: sm90 64 <= h <= 128
+# FlexBwDConfig(64, 128, 128, 64, stages 3, warps 8), h > 128 (64, 64, 64, 64, 2, 4); sm8x h >= 64 (64, 64, 64, 64,
+# 2, 4)), mapped as (M1, N1) -> dK/dV, (M2, N2) -> dQ. The others vary one knob of those two. bench/gpu/tune.py
+# times every candidate on a GPU; bench/kernel_report.py compiles each (AOT) and applies the rule of _BWD_CHOICE.
+_BWD_CANDIDATES: dict[tuple[int, int], dict[str, tuple[_Config, _Config]]] = {
+    (90, 64): {
+        "baseline": (_Config(64, 64, 4, 2), _Config(64, 64, 4, 2)),
+        "flex": (_Config(64, 128, 8, 3), _Config(128, 64, 8, 3)),
+        "baseline_s3": (_Config(64, 64, 4, 3), _Config(64, 64, 4, 3)),  # Flex's h < 64 default
+    },
+    (90, 128): {
+        "baseline": (_Config(64, 128, 8, 2), _Config(128, 64, 8, 2)),
+        "flex": (_Config(64, 128, 8, 3), _Config(128, 64, 8, 3)),
+        "w4_64x64_s3": (_Config(64, 64, 4, 3), _Config(64, 64, 4, 3)),
+    },
+    # two programs of 128 columns each (d_split=2): one program spills its (rows, 256) accumulators
+    (90, 256): {
+        "baseline": (_Config(64, 64, 4, 2, d_split=2), _Config(64, 64, 4, 2, d_split=2)),
+        "flex": (_Config(64, 64, 4, 2), _Config(64, 64, 4, 2)),
+    },  # 3 stages of the split tiles need 258 KB of shared memory: they cannot launch
+    (80, 64): {
+        "baseline": (_Config(32, 64, 8, 2), _Config(64, 32, 4, 2)),
+        "flex": (_Config(64, 64, 4, 2), _Config(64, 64, 4, 2)),
+    },
+    (80, 128): {
+        "baseline": (_Config(16, 64, 8, 2), _Config(64, 32, 4, 2)),
+        "flex": (_Config(64, 64, 4, 2), _Config(64, 64, 4, 2)),
+    },
+    (80, 256): {
+        "baseline": (_Config(16, 32, 4, 1), _Config(64, 16, 8, 1)),
+        "flex": (_Config(64, 64, 4, 2), _Config(64, 64, 4, 2)),
+    },
+}
+# The candidate each key runs, by this rule on the AOT report's candidate records (bench/kernel_report.py
+# ``choose_backward``; bf16, causal and causal with block masks, at head_dim 64 / 128 / 256): "flex" where its
+# kernels all compile with no spill instruction inside their loops, within the shared memory of a block (sm_80's
+# 99 KB, so sm_86/89 run it too; sm_90's 227 KB) and, on sm_90, on wgmma no narrower than N=64; else "baseline".
+# Timings on a GPU (bench/gpu/tune.py) settle it: a key in _BWD_MEASURED runs the candidate its timings found fastest.
+# bench/results/kernel_report.json "attention_backward": Flex's tiles pass at head_dim 64 on both archs and at 128 on
+# sm_90 (dK/dV 255 registers, 24 B stack saved outside the loops, 166 KB shared); on sm_80 at 128 its block-mask
+# dK/dV spills 10 instructions inside its loops, and at 256 its dK/dV spills there on both (536 on sm_90).
+_BWD_RULE_CHOICE: dict[tuple[int, int], str] = {
+    (90, 64): "flex",
+    (90, 128): "flex",
+    (90, 256): "baseline",
+    (80, 64): "flex",
+    (80, 128): "baseline",
+    (80, 256): "baseline",
+}
+# GPU-timed picks over the rule (key: candidate; say which card and results file in a comment). None measured yet.
+_BWD_MEASURED: dict[tuple[int, int], str] = {}
+_BWD_CHOICE: dict[tuple[int, int], str] = {**_BWD_RULE_CHOICE, **_BWD_MEASURED}
+# Tuning only (bench/gpu/tune.py through _bwd_configs): {"dkdv": _Config, "dq": _Config} in place of the table's.
+_BWD_OVERRIDE: dict[str, _Config] = {}
+
+
+@contextmanager
+def _bwd_configs(dkdv: _Config | None = None, dq: _Config | None = None):
+    """Run the backward kernels with these tiles (every arch, dtype and head_dim, the interpreter too) inside the
+    block; for tuning. Not thread-safe: one override at a time."""
+    saved = dict(_BWD_OVERRIDE)
+    _BWD_OVERRIDE.update({k: c for k, c in (("dkdv", dkdv), ("dq", dq)) if c is not None})
+    try:
+        yield
+    finally:
+        _BWD_OVERRIDE.clear()
+        _BWD_OVERRIDE.update(saved)
+
+
 def _gpu_configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict[str, _Config]:
     """Tiles for (forward, dkdv, dq) on sm_``arch``, chosen from the AOT kernel report.
 
@@ -626,30 +704,29 @@ def _gpu_configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict[str,
     ``d_split=2`` gives each of two programs 128 of the columns (Q K^T and dO V^T computed by both: 1.5x the
     FLOPs) on one warpgroup with 64 x 64 tiles: dQ spills nothing in its loop, dK/dV 12 (triton 3.9) to 26 (3.6)
     spill instructions; two warpgroups would spill nothing but split the score products into 64x32 wgmma.
-    Ampere (mma.sync, no wgmma width to reach) keeps smaller tiles that stay free of forward spills. fp32 runs IEEE
-    (no tensor-core path): small tiles. The numbers are in bench/results/kernel_report.json.
+    Ampere (mma.sync, no wgmma width to reach) keeps smaller forward tiles that stay free of forward spills. fp32
+    runs IEEE (no tensor-core path): small tiles. The numbers are in bench/results/kernel_report.json.
+
+    fp16/bf16 backward tiles, warps and stages come from ``_BWD_CANDIDATES[_bwd_key(head_dim, arch)]``, the
+    candidate named by ``_BWD_CHOICE`` (see there for the rule): FlexAttention's defaults on sm_90 at head_dim <= 128
+    (dK/dV 64 queries x 128 keys, dQ 128 x 64, 8 warps, 3 stages) and on sm_80 at <= 64 (64 x 64, 4 warps, 2
+    stages); elsewhere the tiles above. ``_bwd_configs`` overrides them for tuning (bench/gpu/tune.py).
     """
     if dtype == torch.float32 and head_dim <= 64:
         fwd, dkdv, dq = _Config(32, 16, 8, 1), _Config(16, 32, 8, 1), _Config(32, 16, 8, 1)
     elif dtype == torch.float32:  # 32 x 16 spills 8-16 B at D=128
         fwd, dkdv, dq = _Config(16, 16, 4, 1), _Config(16, 16, 4, 1), _Config(16, 16, 4, 1)
-    elif arch >= 90 and head_dim <= 64:
-        fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(64, 64, 4, 2), _Config(64, 64, 4, 2)
-    elif arch >= 90 and head_dim <= 128:
-        fwd, dkdv, dq = _Config(128, 64, 8, 2), _Config(64, 128, 8, 2), _Config(128, 64, 8, 2)
-    elif arch >= 90:
-        # backward: two programs per head, 128 of the 256 columns each, on one warpgroup (see above)
-        fwd, dkdv, dq = (
-            _Config(128, 64, 8, 2),
-            _Config(64, 64, 4, 2, d_split=2),
-            _Config(64, 64, 4, 2, d_split=2),
-        )
-    elif head_dim <= 64:
-        fwd, dkdv, dq = _Config(128, 64, 8, 3), _Config(32, 64, 8, 2), _Config(64, 32, 4, 2)
-    elif head_dim <= 128:
-        fwd, dkdv, dq = _Config(64, 32, 4, 2), _Config(16, 64, 8, 2), _Config(64, 32, 4, 2)
     else:
-        fwd, dkdv, dq = _Config(64, 32, 8, 2), _Config(16, 32, 4, 1), _Config(64, 16, 8, 1)
+        key = _bwd_key(head_dim, arch)
+        dkdv, dq = _BWD_CANDIDATES[key][_BWD_CHOICE[key]]
+        if arch >= 90:
+            fwd = _Config(128, 64, 8, 3 if head_dim <= 64 else 2)
+        elif head_dim <= 64:
+            fwd = _Config(128, 64, 8, 3)
+        else:
+            fwd = _Config(64, 32, 4 if head_dim <= 128 else 8, 2)
+    if _BWD_OVERRIDE:
+        dkdv, dq = _BWD_OVERRIDE.get("dkdv", dkdv), _BWD_OVERRIDE.get("dq", dq)
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
 
 
@@ -667,7 +744,8 @@ def _triton_ready(device: torch.device) -> None:
 
 def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, _Config]:
     if device.type != "cuda":
-        return {"fwd": _INTERPRET_CONFIG, "dkdv": _INTERPRET_CONFIG, "dq": _INTERPRET_CONFIG}
+        dkdv, dq = _BWD_OVERRIDE.get("dkdv", _INTERPRET_CONFIG), _BWD_OVERRIDE.get("dq", _INTERPRET_CONFIG)
+        return {"fwd": _INTERPRET_CONFIG, "dkdv": dkdv, "dq": dq}
     major, minor = torch.cuda.get_device_capability(device)  # cached device properties: no sync
     return _gpu_configs(head_dim, dtype, 10 * major + minor)
 
