@@ -25,6 +25,12 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (warm-up calls, timed calls) of every timing, by mode: fixed counts, so no case rests on one sample
+# (triton's do_bench with rep=100 ms timed a single call of anything over ~80 ms).
+# bench.gpu's dry run times one call (DRY_RUN_ROUNDS): its numbers only show that the code runs; "dry-run" in ROUNDS
+# is the CPU default of the pytest-benchmark suites (pytest bench/).
+ROUNDS = {"dry-run": (1, 10), "quick": (3, 10), "full": (5, 25)}
+DRY_RUN_ROUNDS = (0, 1)
 
 
 def short_traceback() -> str:
@@ -81,36 +87,42 @@ class Ctx:
             torch.cuda.synchronize(self.device)
 
     def time_ms(self, fn: Callable[[], object], grad_to_none: list | None = None) -> dict | None:
-        """Median (and 20th / 80th percentile) milliseconds of ``fn``; ``grad_to_none`` are reset between runs.
+        """Median (and 20th / 80th percentile) milliseconds of ``fn`` over a fixed number of calls
+        (:data:`ROUNDS`: warm-up calls, then >= 10 timed ones; one call in a dry run); ``grad_to_none`` are reset
+        before every call.
 
-        CUDA: ``triton.testing.do_bench`` (CUDA events, the L2 flushed between runs). CPU: wall clock, 3 runs
-        (1 in a dry run: its numbers only show that the code runs).
+        CUDA: CUDA events around each call, the L2 flushed before it. CPU: wall clock. The kernel
+        micro-benchmarks do not come through here: they are pytest-benchmark suites (bench/gpu/micro.py).
         A warm-up worker runs ``fn`` once and returns None.
         """
         if self.warm:
             fn()
             self.sync()
             return None
-        if self.cuda:
-            from triton.testing import do_bench
-
-            rep = 100 if self.quick else 300
-            med, p20, p80 = do_bench(
-                fn, warmup=25, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
-            )
-            return {"median_ms": round(med, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4)}
+        warmup, rounds = DRY_RUN_ROUNDS if self.dry else ROUNDS[self.mode]
+        flush = torch.empty(256 << 20, dtype=torch.int8, device=self.device) if self.cuda else None
         times = []
-        for _ in range(1 if self.dry else 3):  # the callers ran fn once already (compiles, checks)
+        for i in range(warmup + rounds):
             for t in grad_to_none or ():
                 t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return {
-            "median_ms": round(statistics.median(times), 4),
-            "p20_ms": round(min(times), 4),
-            "p80_ms": round(max(times), 4),
-        }
+            if flush is not None:
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                if i >= warmup:
+                    times.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                if i >= warmup:
+                    times.append((time.perf_counter() - t0) * 1e3)
+        self.sync()
+        ms = sorted(s.elapsed_time(e) for s, e in times) if flush is not None else sorted(times)
+        q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+        return {"median_ms": round(statistics.median(ms), 4), "p20_ms": round(q[1], 4),
+                "p80_ms": round(q[7], 4), "rounds": len(ms)}  # fmt: skip
 
     def peak_bytes(self, fn: Callable[[], object], grad_to_none: list | None = None) -> int | None:
         """Peak CUDA memory ``fn`` allocates beyond what was allocated before it (None on CPU / warm-up)."""
