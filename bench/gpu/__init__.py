@@ -14,7 +14,9 @@ runs):
     attention    varlen attention fwd+bwd on a 16k-token RAG row vs SDPA, FlexAttention, torch varlen
     flce         fused linear cross-entropy vs Liger-Kernel, Cut Cross-Entropy, plain torch
     lora         LoRA linear vs peft's layer                                       (bench/gpu/micro.py)
-    e2e          RagTrainer vs Trainer + padding + sdpa on Qwen2.5-0.5B / Llama-3.2-1B shapes (bench/gpu/e2e.py)
+    e2e          RagTrainer's ablations vs Trainer + padding, Trainer + flattening (sdpa, FlexAttention, Liger),
+                 TRL SFTTrainer padding-free + Liger, LoRA rows, on Qwen2.5-0.5B / Llama-3.2-1B shapes: the same
+                 examples and tokens per step, 3 rotating repeats, MFU, memory, longest row (bench/gpu/e2e.py)
 
 Everything lands in DIR/gpu_bench.json (rewritten after every case, so a killed run keeps what it measured);
 the last thing printed is a short table, also in DIR/table.txt.

@@ -16,15 +16,24 @@ from pathlib import Path
 from . import bootstrap
 
 START = time.perf_counter()
-PARTS = ("correctness", "attention", "flce", "lora", "e2e")
+PARTS = ("correctness", "attention", "tune", "flce", "lora", "e2e", "real")
 # Seconds per part. A part stops starting cases when its budget is spent, and a case still running past it
-# (plus a grace of a quarter of the budget, at most 30 s) is interrupted; LIMIT caps the whole run.
+# (plus a grace of a quarter of the budget, at most 30 s) is interrupted; LIMIT caps the whole run. The e2e case
+# also watches its share itself: repeats and longest-row probes that would not fit are recorded as skipped.
 BUDGETS = {
-    "quick": {"warmup": 45, "correctness": 70, "attention": 70, "flce": 35, "lora": 20, "e2e": 70},
-    "full": {"warmup": 60, "correctness": 120, "attention": 140, "flce": 70, "lora": 35, "e2e": 120},
-    "dry-run": {"warmup": 60, "correctness": 150, "attention": 60, "flce": 40, "lora": 40, "e2e": 150},
-}
-LIMIT = {"quick": 340, "full": 570, "dry-run": 600}
+    "quick": {"warmup": 40, "correctness": 45, "attention": 45, "tune": 25, "flce": 30, "lora": 15, "e2e": 190,
+              "real": 45},
+    "full": {"warmup": 60, "correctness": 80, "attention": 90, "tune": 40, "flce": 50, "lora": 25, "e2e": 150,
+             "real": 45},
+    "dry-run": {"warmup": 60, "correctness": 150, "attention": 60, "tune": 60, "flce": 40, "lora": 40, "e2e": 420,
+                "real": 150},
+}  # fmt: skip
+# Seconds before the first part that the budgets do not cover: the wheels' install, imports, the environment and
+# the two ceilings (an H100: about 20 s).
+OVERHEAD_S = {"quick": 30, "full": 30, "dry-run": 60}
+LIMIT = {"quick": 465, "full": 570, "dry-run": 1100}
+CASE_OVERRUN_S = 5  # a case may run this long past the deadline before its alarm stops it (harness.Part.case)
+DEVICE_MINUTES_QUICK = 8  # the quick run's promise: at most 8 device minutes, warm-up and ceilings included
 FAMILY = {"attention": "attention ", "flce": "flce ", "lora": "lora "}  # micro part -> its correctness cases
 JSON_NAME, TABLE_NAME = "gpu_bench.json", "table.txt"
 
@@ -104,12 +113,49 @@ def _environment(ctx) -> dict:
     return env
 
 
-def _plans(ctx, parts, peak_tflops):
-    from . import correctness, e2e, micro
+def part_budgets(mode: str, parts=PARTS, warmup: bool = True) -> dict[str, int]:
+    """Each chosen part's budget: BUDGETS, scaled up when the chosen parts leave time under LIMIT (``--parts e2e``
+    gets the whole run's time, less the start-up and the warm-up); never scaled down."""
+    budgets = {p: BUDGETS[mode][p] for p in parts}
+    room = LIMIT[mode] - OVERHEAD_S[mode] - (BUDGETS[mode]["warmup"] if warmup else 0)
+    factor = max(1.0, room / max(sum(budgets.values()), 1))
+    return {p: int(b * factor) for p, b in budgets.items()}
 
-    plans = {"correctness": correctness.plan(ctx), "e2e": e2e.plan(ctx, peak_tflops)}
-    plans.update({p: micro.plan(ctx, p) for p in ("attention", "flce", "lora")})
-    return {p: plans[p] for p in parts}
+
+def planned_seconds(mode: str, parts=PARTS, warmup: bool = True) -> dict:
+    """What the plan allows, from BUDGETS / OVERHEAD_S / LIMIT: each part's budget, the total (overhead, warm-up
+    and parts), and the most the run can last (LIMIT plus a case's overrun past the deadline)."""
+    budgets = part_budgets(mode, parts, warmup)
+    total = OVERHEAD_S[mode] + (BUDGETS[mode]["warmup"] if warmup else 0) + sum(budgets.values())
+    return {"parts": budgets, "warmup": BUDGETS[mode]["warmup"] if warmup else 0, "overhead": OVERHEAD_S[mode],
+            "total": total, "limit": LIMIT[mode], "at_most": LIMIT[mode] + CASE_OVERRUN_S}  # fmt: skip
+
+
+def _plan_lines(mode: str, parts, warmup: bool, plans: dict | None = None) -> list[str]:
+    p = planned_seconds(mode, parts, warmup)
+    lines = [f"plan ({mode}): {p['overhead']} s start-up and ceilings + {p['warmup']} s warm-up + parts "
+             + ", ".join(f"{k} {v} s" for k, v in p["parts"].items())
+             + f" = {p['total']} s; the run is stopped at {p['limit']} s (at most {p['at_most']} s)"]  # fmt: skip
+    for part, cases in (plans or {}).items():
+        lines.append(f"  {part} ({p['parts'][part]} s): " + ", ".join(name for name, *_ in cases))
+    return lines
+
+
+def _plans(ctx, parts, peak_tflops, budgets):
+    """Each chosen part's cases; a part's module is imported only when that part runs."""
+    import importlib
+
+    def mod(name):
+        return importlib.import_module(f"{__package__}.{name}")
+
+    plans = {
+        "correctness": lambda: mod("correctness").plan(ctx),
+        "tune": lambda: mod("tune").plan(ctx),
+        "e2e": lambda: mod("e2e").plan(ctx, peak_tflops, budget_s=0.9 * budgets.get("e2e", 0)),
+        "real": lambda: mod("real").plan(ctx, peak_tflops),
+        **{p: (lambda p=p: mod("micro").plan(ctx, p)) for p in ("attention", "flce", "lora")},
+    }
+    return {p: plans[p]() for p in parts}
 
 
 def _warm_tasks(plans) -> list:
@@ -169,11 +215,44 @@ def _table(record: dict) -> list[str]:
     return lines
 
 
-def _e2e_way(way: str, r: dict) -> str:
-    if "tokens_per_s" not in r:
-        return f"{way} ERROR {str(r.get('error', 'did not run'))[:80]}"
-    mfu = f" MFU {r['mfu']:.2f}" if "mfu" in r else ""
-    return f"{way} {r['tokens_per_s']:.0f} tok/s{mfu} {_fmt_bytes(r['peak_mem_bytes'])}"
+def _ratio(x) -> str:
+    return "-" if x is None else f"x{x:.2f}"
+
+
+def _e2e_lines(case: dict) -> list[str]:
+    """One line per arm: tokens/s (median over repeats, min-max), step time (median, p20-p80), MFU, peak memory,
+    the ratios to the padding floor and to the strongest peer, the longest row. Robust to arms that are missing,
+    skipped or failed, and to records of the first version (ragkern / hf only)."""
+    arms = case.get("arms")
+    if not isinstance(arms, dict):  # the first version's record
+        ways = [
+            f"{w} {case[w]['tokens_per_s']:.0f} tok/s"
+            for w in ("ragkern", "hf")
+            if "tokens_per_s" in case.get(w, {})
+        ]
+        return ["      " + " | ".join(ways or [str(case.get("error", "no arms"))[:150]])]
+    refs = case.get("references", {})
+    lines = [f"      floor {refs.get('floor')} | strongest peer {refs.get('strongest_peer')} | LoRA peer "
+             f"{refs.get('strongest_lora_peer')} | same tokens per step: "
+             f"{case.get('equal_tokens_per_step', {}).get('equal')}"]  # fmt: skip
+    rows = case.get("max_row", {})
+    for name, a in arms.items():
+        if not isinstance(a, dict):
+            continue
+        if a.get("status") != "ok":
+            lines.append(
+                f"      {name:<19} {str(a.get('status', '?')).upper()} {str(a.get('reason') or a.get('error') or '')[:110]}"
+            )
+            continue
+        mfu = f" MFU {a['mfu']:.3f}" if a.get("mfu") is not None else ""
+        longest = rows.get(name, {}).get("max_row")
+        lines.append(
+            f"      {name:<19} {a['tokens_per_s']:.0f} tok/s ({a['tokens_per_s_min']:.0f}-{a['tokens_per_s_max']:.0f}, "
+            f"{a['repeats']} rep) step {a['step_ms_median']:.1f} ms ({a['step_ms_p20']:.1f}-{a['step_ms_p80']:.1f})"
+            f"{mfu} {_fmt_bytes(a.get('peak_mem_bytes'))} | floor {_ratio(a.get('vs_floor'))} "
+            f"peer {_ratio(a.get('vs_strongest_peer'))}" + (f" | max row {longest}" if longest else "")
+        )  # fmt: skip
+    return lines
 
 
 def _check_detail(case: dict) -> str:
@@ -191,13 +270,45 @@ def _check_detail(case: dict) -> str:
     return json.dumps({k: case[k] for k in ("equivalence", "leakage") if k in case})
 
 
+def _side(r: dict) -> str:
+    return f"{r.get('tokens_per_s', 0):.0f} tok/s {_fmt_bytes(r.get('peak_mem_bytes'))}"
+
+
+def _real_line(case: dict) -> str:
+    """One line per real-weights case: parity's loss gap, RAFT's exact match, a long row's speed or OOM."""
+    if "max_abs_loss_diff" in case:
+        held = case.get("final_heldout_loss", {})
+        return (f"{case['steps']} steps, max |loss diff| {case['max_abs_loss_diff']}, held-out loss "
+                f"{held.get('ragkern')} vs {held.get('peer')} | ragkern {_side(case['ragkern'])} | peer "
+                f"{_side(case['peer'])} | x{case.get('speedup_tokens_per_s')}")  # fmt: skip
+    if "ragkern" in case and "exact_match" in case["ragkern"]:
+        return (f"EM {case['ragkern']['exact_match']} vs peer {case['peer'].get('exact_match')} | ragkern "
+                f"{_side(case['ragkern'])} | peer {_side(case['peer'])} | x{case.get('speedup_tokens_per_s')}")  # fmt: skip
+    if "row_tokens" in case and "block_attention" in case:
+        runs = {k: v for k, v in case.items() if isinstance(v, dict) and ("tokens_per_s" in v or "oom" in v)}
+        return f"{case['row_tokens']}-token rows, block attention | " + " | ".join(
+            f"{k} " + ("OOM" if "oom" in v else _side(v)) for k, v in runs.items()
+        )
+    return json.dumps({k: v for k, v in case.items() if not isinstance(v, (dict, list))})[:170]
+
+
+def _tune_line(case: dict) -> str:
+    """The attention backward candidates: the table's choice, the fastest, and the backward speedup between."""
+    fastest, sp = case.get("fastest", {}), case.get("bwd_speedup_of_fastest_vs_table")
+    return (f"table {case.get('table_choice')} | fastest: dK/dV {fastest.get('dkdv')}, dQ {fastest.get('dq')}, "
+            f"backward {fastest.get('bwd')}" + (f" (x{sp} vs the table)" if sp is not None else ""))  # fmt: skip
+
+
 def _case_lines(part: str, name: str, case: dict) -> list[str]:
     status = case["status"]
     if part == "correctness":
         return [] if status == "ok" else [f"   {name}: {status.upper()} {_check_detail(case)[:170]}"]
-    if part == "e2e" and ("ragkern" in case or "hf" in case):
-        return [f"   {name}: " + " | ".join(_e2e_way(w, case.get(w, {})) for w in ("ragkern", "hf"))
-                + (f" | x{case['speedup_tokens_per_s']}" if "speedup_tokens_per_s" in case else f" | {status.upper()}")]  # fmt: skip
+    if part == "e2e" and ("arms" in case or "ragkern" in case or "hf" in case):
+        return [
+            f"   {name}: {status.upper()}" + (f" {str(case.get('error'))[:120]}" if status != "ok" else "")
+        ] + _e2e_lines(case)
+    if part in ("real", "tune") and status == "ok":
+        return [f"   {name}: " + (_real_line(case) if part == "real" else _tune_line(case))]
     if status != "ok":
         return [f"   {name}: {status.upper()} {(case.get('error') or case.get('reason') or '')[:150]}"]
     impls = case.get("impls", {})
@@ -227,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "dry-run" if args.dry_run else "quick" if args.quick else "full"
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    for line in _plan_lines(mode, args.parts, not args.no_warmup):  # before anything starts
+        print(line, flush=True)
     bootstrap.install_kernels_finder()
     wheels = bootstrap.install_wheels(args.wheels)
 
@@ -240,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available() and not args.dry_run
     ctx = harness.Ctx(device=torch.device("cuda" if cuda else "cpu"), mode=mode)
-    record: dict = {"mode": mode, "command": sys.argv, "time_limit_s": limit, "budgets_s": BUDGETS[mode],
+    record: dict = {"mode": mode, "command": sys.argv, "time_limit_s": limit, "budgets_s": {"warmup": BUDGETS[mode]["warmup"], **part_budgets(mode, args.parts, not args.no_warmup)},
                     "wheels": wheels, "parts": {}}  # fmt: skip
 
     def write():
@@ -273,13 +386,17 @@ def main(argv: list[str] | None = None) -> int:
 
     device_name = record["environment"].get("device", {}).get("name", "")
     record["ceilings"]["datasheet_bf16_TFLOPs"] = peak = harness.datasheet_bf16_tflops(device_name)
-    plans = harness.run_guarded(lambda: {"plans": _plans(ctx, args.parts, peak)})
+    plans = harness.run_guarded(lambda: {"plans": _plans(ctx, args.parts, peak, record["budgets_s"])})
     if "plans" not in plans:
         record["error"] = plans
         write()
         print(f"could not plan the parts: {plans.get('error')}")
         return 1
     plans = plans["plans"]
+    record["plan"] = {**planned_seconds(mode, args.parts, not args.no_warmup),
+                      "cases": {p: [name for name, *_ in cases] for p, cases in plans.items()}}  # fmt: skip
+    for line in _plan_lines(mode, args.parts, not args.no_warmup, plans)[1:]:
+        print(line, flush=True)
     tasks = _warm_tasks(plans)
     if args.no_warmup or not tasks:
         record["warmup"] = {"skipped": True}
@@ -298,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.parts:
         print(f"part {part}:", flush=True)
         rec = record["parts"][part] = {}
-        runner = harness.Part(part, ctx, BUDGETS[mode][part], deadline, rec, on_case=write)
+        runner = harness.Part(part, ctx, record["budgets_s"][part], deadline, rec, on_case=write)
         for name, fn, kwargs, _ in plans[part]:
             runner.case(name, fn, **kwargs)
         runner.finish()

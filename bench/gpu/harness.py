@@ -10,6 +10,7 @@ skipped. Nothing a case does can stop the next one.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
@@ -191,8 +192,10 @@ def compare(outs: dict, refs: dict, tol: float, baseline: dict | None = None) ->
     return ok, metrics
 
 
-class CaseTimeout(Exception):
-    pass
+class CaseTimeout(BaseException):
+    """A case ran past its part's budget. A BaseException, so the broad ``except Exception`` that keep one failing
+    peer or side from costing the others their numbers do not swallow it: only :meth:`Part.case` (and code that
+    names it, to keep what it measured) catches it, and the case stops."""
 
 
 @contextmanager
@@ -251,7 +254,7 @@ class Part:
             with alarm(limit):
                 out = fn(self.ctx, **kwargs) or {}
             entry = {"status": out.pop("status", "ok"), **out}
-        except Exception as e:  # noqa: BLE001 - every failure is recorded, the next case runs
+        except (Exception, CaseTimeout) as e:  # noqa: BLE001 - every failure is recorded, the next case runs
             entry = {
                 "status": "error",
                 "error": f"{type(e).__name__}: {e}"[:2000],
@@ -270,6 +273,37 @@ class Part:
         statuses = [c["status"] for c in self.record["cases"].values()]
         self.record["elapsed_s"] = round(time.perf_counter() - self.start, 2)
         self.record["counts"] = {s: statuses.count(s) for s in ("ok", "failed", "error", "skipped")}
+
+
+@contextmanager
+def undoing_patches(*model_types: str):
+    """Undo, on exit, what was monkey-patched into transformers' modeling modules inside the block: Liger's
+    ``apply_liger_kernel_to_*`` (which ``use_liger_kernel=True`` and TRL call) rebinds module-level names (the
+    RMSNorm and MLP classes, ``apply_rotary_pos_emb``) and ``*ForCausalLM.forward`` for the whole process, so every
+    model built after a Liger arm would run Liger's kernels. ``model_types`` (e.g. ``"qwen2"``) are imported first,
+    so their modules are covered even when the block is the first to load them."""
+    import importlib
+    import sys
+
+    for mt in model_types:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    mods = [
+        m for n, m in list(sys.modules.items()) if n.startswith("transformers.models.") and ".modeling_" in n
+    ]
+    names = {m: dict(vars(m)) for m in mods}
+    forwards = {c: c.__dict__["forward"] for m in mods for c in vars(m).values()
+                if isinstance(c, type) and c.__module__ == m.__name__ and "forward" in c.__dict__}  # fmt: skip
+    try:
+        yield
+    finally:
+        for m, saved in names.items():
+            for k, v in saved.items():
+                if vars(m).get(k) is not v:
+                    setattr(m, k, v)
+        for c, fwd in forwards.items():
+            if c.__dict__.get("forward") is not fwd:
+                c.forward = fwd
 
 
 def run_guarded(fn: Callable, *args, **kwargs) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 import zipfile
@@ -16,20 +14,6 @@ from ragkern.kernels.attention import block_mask
 from bench.gpu import bootstrap, cli, harness, micro, rag
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-dry-run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--dry-run", "--output", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads((out / cli.JSON_NAME).read_text()), out
 
 
 @pytest.mark.slow
@@ -234,3 +218,164 @@ def test_source_digest_names_the_code_that_ran(tmp_path):
     (tmp_path / "kernels" / "a.py").write_text("x = 'kernels'\n")
     (tmp_path / "kernels" / "a.py").rename(tmp_path / "kernels" / "b.py")
     assert source_digest(tmp_path) != first  # a renamed file is other code too
+
+
+# ------------------------------------------------------------------------------------------- micro-benchmarks
+
+
+def _bench(case: str, impl: str, phase: str, median_s: float) -> dict:
+    stats = {
+        "median": median_s,
+        "q1": median_s,
+        "q3": median_s,
+        "min": median_s,
+        "max": median_s,
+        "rounds": 10,
+    }
+    return {
+        "group": f"{case} [{phase}]",
+        "stats": stats,
+        "extra_info": {"case": case, "impl": impl, "phase": phase},
+    }
+
+
+def test_fold_turns_the_suites_json_into_the_gpu_record():
+    """bench.gpu's micro parts are pytest-benchmark runs: fold() gives the record the table and the withholding
+    read (median_ms = forward + backward), the ratio against agreeing fwd+bwd peers, and per-phase speedups."""
+    impls = {
+        "ours": {"ours": True, "status": "ok"},
+        "tile_build": {"ours": True, "status": "ok"},
+        "peer": {"ours": False, "status": "ok", "agrees": True},
+        "wrong": {"ours": False, "status": "ok", "agrees": False},
+        "fwd_only": {"ours": False, "status": "ok", "agrees": True, "forward_only": True},
+        "crashed_in_bwd": {"ours": False, "status": "ok", "agrees": True, "phase_errors": {"bwd": "OOM"}},
+        "absent": {"ours": False, "status": "skipped", "reason": "needs CUDA"},
+    }
+    times = {("ours", "fwd"): 1e-3, ("ours", "bwd"): 2e-3, ("peer", "fwd"): 0.5e-3, ("peer", "bwd"): 4e-3,
+             ("wrong", "fwd"): 0.1e-3, ("wrong", "bwd"): 0.1e-3, ("fwd_only", "fwd"): 0.2e-3,
+             ("crashed_in_bwd", "fwd"): 0.1e-3, ("tile_build", "build"): 0.3e-3}  # fmt: skip
+    data = {
+        "ragkern": {"cases": {"k": {"name": "n", "part": "attention", "flops_fwd": 1e9, "flops_bwd": 2e9, "impls": impls}}},
+        "benchmarks": [_bench("k", i, p, t) for (i, p), t in times.items()] + [_bench("other", "ours", "fwd", 9.0)],
+    }  # fmt: skip
+    rec = micro.fold(data, "k")
+    got = rec["impls"]
+    assert got["ours"]["median_ms"] == 3.0 and got["ours"]["tflops"] == 1.0
+    assert got["ours"]["phases"]["fwd"]["median_ms"] == 1.0 and got["ours"]["phases"]["bwd"]["rounds"] == 10
+    assert rec["best_peer"] == "peer" and got["ours"]["speedup_vs_best_peer"] == round(4.5 / 3.0, 3)
+    assert (
+        rec["peers_disagreeing"] == ["wrong"] and "tile_build" not in got and rec["metadata_build_ms"] == 0.3
+    )
+    assert got["crashed_in_bwd"]["status"] == "error" and "OOM" in got["crashed_in_bwd"]["error"]
+    assert got["fwd_only"]["median_ms"] == 0.2  # timed, but never the best peer of a forward + backward
+    assert rec["best_peer_fwd"] == "fwd_only" and got["ours"]["speedup_fwd_vs_best_peer"] == 0.2
+    assert rec["best_peer_bwd"] == "peer" and got["ours"]["speedup_bwd_vs_best_peer"] == 2.0
+    assert data["ragkern"]["cases"]["k"]["impls"]["ours"] == {"ours": True, "status": "ok"}  # not mutated
+    lines = cli._case_lines("attention", "n", {"status": "ok", **rec})
+    assert "x1.5" in lines[0] and "best peer peer" in lines[0] and "crashed_in_bwd" in lines[0]
+
+
+def test_time_phase_times_forward_and_backward_apart_in_fixed_rounds():
+    ctx = harness.Ctx(device=torch.device("cpu"), mode="quick")
+    calls: list = []
+    w = torch.ones(3, requires_grad=True)
+
+    def fwd():
+        calls.append("fwd")
+        return (w * 2).sum()
+
+    rt = {"fwd": fwd, "grad": None, "leaves": [w]}
+    for phase in ("fwd", "bwd"):
+        log: dict = {}
+
+        def pedantic(target, setup, rounds, warmup_rounds, iterations, log=log):
+            log.update(rounds=rounds, warmup=warmup_rounds, iterations=iterations, timed=[])
+            for _ in range(warmup_rounds + rounds):
+                args, kwargs = setup()
+                calls.clear()
+                target(*args, **kwargs)
+                log["timed"].append(list(calls))
+
+        micro.time_phase(ctx, pedantic, rt, phase)
+        assert (log["warmup"], log["rounds"], log["iterations"]) == (*micro.ROUNDS["quick"], 1)
+        assert log["rounds"] >= 10
+        # the backward's forward runs in the untimed setup: the timed call of "bwd" runs no forward
+        assert log["timed"] == [["fwd"] if phase == "fwd" else []] * (log["warmup"] + log["rounds"])
+    assert w.grad is None  # gradients reset: nothing accumulates across rounds
+    assert all(micro.ROUNDS[m][1] >= 10 for m in micro.ROUNDS)
+
+
+def test_loss_peers_get_the_target_rows_and_peaked_hidden_states(monkeypatch):
+    ctx = harness.Ctx(device=torch.device("cpu"), mode="dry-run")
+    case = next(c for c in micro.cases(ctx, "flce") if c.key == "flce-1k")
+    runtimes, extra = case.build()
+    seen = []
+    ce = micro.F.cross_entropy
+    monkeypatch.setattr(
+        micro.F, "cross_entropy", lambda logits, y, **kw: seen.append(logits.shape) or ce(logits, y, **kw)
+    )
+    runtimes["torch_matmul_ce"]["fwd"]()
+    assert seen == [(case.shape["targets"], case.shape["V"])] and case.shape["targets"] < case.shape["N"]
+    assert extra["mean_target_loss_nats"] < 2.5 < 6.9  # ln V = 6.9: random hidden states give about that
+
+
+def test_one_definition_of_each_case():
+    """bench.gpu's plan and the suites' parameters are the same cases, each implementation with its phases."""
+    ctx = harness.Ctx(device=torch.device("cpu"), mode="dry-run")
+    for part in ("attention", "flce", "lora"):
+        cases = micro.cases(ctx, part)
+        assert [name for name, *_ in micro.plan(ctx, part)] == [c.name for c in cases]
+        got = [(i.case.key, i.impl, i.phase) for i in micro.items(ctx, part)]
+        assert got == [(c.key, n, p) for c in cases for n, impl in c.impls.items() for p in impl.phases()]
+        assert len({i.id for i in micro.items(ctx, part)}) == len(got)
+    attn = micro.cases(ctx, "attention")[0]
+    assert attn.impls["flex_doc"].phases() == ("fwd",)  # no FlexAttention backward on the CPU
+    assert micro.SUITES["flce"].name == "test_loss_bench.py" and all(
+        p.exists() for p in micro.SUITES.values()
+    )
+
+
+def test_time_ms_takes_a_fixed_number_of_samples():
+    calls = []
+    ctx = harness.Ctx(device=torch.device("cpu"), mode="quick")
+    timing = ctx.time_ms(lambda: calls.append(1))
+    warmup, rounds = harness.ROUNDS["quick"]
+    assert len(calls) == warmup + rounds and timing["rounds"] == rounds >= 10
+    assert timing["p20_ms"] <= timing["median_ms"] <= timing["p80_ms"]
+
+
+def test_liger_style_patches_are_undone_after_an_arm():
+    """Liger's apply_liger_kernel_to_* rebinds names of transformers' modeling modules for the whole process: an
+    arm's patches must not reach the models of the arms after it."""
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    norm, forward = qwen2.Qwen2RMSNorm, qwen2.Qwen2ForCausalLM.forward
+    with harness.undoing_patches("qwen2", "mistral"):
+        qwen2.Qwen2RMSNorm = torch.nn.Identity
+        qwen2.Qwen2ForCausalLM.forward = lambda self, *a, **k: None
+        import transformers.models.mistral.modeling_mistral as mistral  # loaded inside: covered too
+
+        mistral_norm = mistral.MistralRMSNorm
+        mistral.MistralRMSNorm = torch.nn.Identity
+    assert qwen2.Qwen2RMSNorm is norm and qwen2.Qwen2ForCausalLM.forward is forward
+    assert mistral.MistralRMSNorm is mistral_norm
+
+
+def test_a_case_timeout_is_not_swallowed_by_a_broad_handler():
+    """The part's alarm must stop the case even where a peer's failure is caught with ``except Exception``."""
+    record: dict = {}
+    part = harness.Part(
+        "p", harness.Ctx(device=torch.device("cpu"), mode="dry-run"), 0.3, float("inf"), record
+    )
+    after = []
+
+    def case(ctx):
+        try:
+            time.sleep(5)
+        except Exception:  # noqa: BLE001 - what a peer's guard does
+            pass
+        after.append(True)
+        return {}
+
+    entry = part.case("slow", case)
+    assert entry["status"] == "error" and "CaseTimeout" in entry["error"] and not after
