@@ -412,6 +412,18 @@ def _counterfactual(n: int, seed: int, **kw) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- parity
 
 
+def _both_sides(ctx: Ctx, out: dict, ragkern_side, peer_side) -> str | None:
+    """Run ragkern's side, then the peer's (which follows ragkern's bins), each guarded, into ``out``; the
+    sides' errors joined, or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for side, fn in (("ragkern", ragkern_side), ("peer", peer_side)):
+            with undoing_patches("llama"):  # the peer's Liger patches transformers for the whole process
+                out[side] = run_guarded(fn, tmp)
+            free_memory(ctx)
+    errors = [f"{s}: {out[s]['error']}" for s in ("ragkern", "peer") if "error" in out[s]]
+    return " | ".join(errors)[:2000] if errors else None
+
+
 def parity_case(ctx: Ctx, steps: int, row: int, warmup: int = 5, heldout: int = 64, lr: float = 3e-5,
                 peak_tflops: float | None = None) -> dict:  # fmt: skip
     """Loss-curve parity, full fine-tuning in bf16 autocast: ragkern and the peer on the same bins in the same
@@ -461,14 +473,9 @@ def parity_case(ctx: Ctx, steps: int, row: int, warmup: int = 5, heldout: int = 
         res["heldout_loss"] = _heldout_loss(trainer.model, held, ctx.device)
         return res
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for side, fn in (("ragkern", ragkern_side), ("peer", peer_side)):
-            with undoing_patches("llama"):  # the peer's Liger patches transformers for the whole process
-                out[side] = run_guarded(fn, tmp)
-            free_memory(ctx)
-    errors = [f"{s}: {out[s]['error']}" for s in ("ragkern", "peer") if "error" in out[s]]
+    errors = _both_sides(ctx, out, ragkern_side, peer_side)
     if errors:
-        return {"status": "error", "error": " | ".join(errors)[:2000], **out}
+        return {"status": "error", "error": errors, **out}
     a, b = out["ragkern"]["losses"], out["peer"]["losses"]
     diffs = [abs(x - y) for x, y in zip(a, b)]
     worst = max(range(len(diffs)), key=diffs.__getitem__)
@@ -563,14 +570,9 @@ def raft_case(ctx: Ctx, controls: bool = False, warmup: int = 3, peak_tflops: fl
         res["exact_match"] = evaluate_answers(trainer.model, tok, held, **ev)["exact_match"]
         return res
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for side, fn in (("ragkern", ragkern_side), ("peer", peer_side)):
-            with undoing_patches("llama"):  # the peer's Liger patches transformers for the whole process
-                out[side] = run_guarded(fn, tmp)
-            free_memory(ctx)
-    errors = [f"{s}: {out[s]['error']}" for s in ("ragkern", "peer") if "error" in out[s]]
+    errors = _both_sides(ctx, out, ragkern_side, peer_side)
     if errors:
-        return {"status": "error", "error": " | ".join(errors)[:2000], **out}
+        return {"status": "error", "error": errors, **out}
     out["speedup_tokens_per_s"] = round(out["ragkern"]["tokens_per_s"] / out["peer"]["tokens_per_s"], 3)
     return out
 
