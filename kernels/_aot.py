@@ -68,7 +68,9 @@ class AotError(RuntimeError):
     pass
 
 
-def _in_interpreter() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs in its interpreter (``TRITON_INTERPRET`` set and not 0): kernels then take CPU tensors,
+    and cannot be compiled. The one check every kernel module uses."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -121,7 +123,7 @@ def compile_spec(spec: AotSpec, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if _in_interpreter():
+    if interpreting():
         raise AotError("TRITON_INTERPRET is set: use compile_modules(), which compiles in a subprocess")
     signature, constexprs, attrs = _specialised(spec)
     src = ASTSource(spec.fn, signature, constexprs, attrs=attrs)
@@ -512,7 +514,7 @@ def compile_modules(
     a failed config yields a record with an ``"error"`` key. ``jobs`` worker processes (default: all cores).
     """
     jobs = jobs or os.cpu_count() or 1
-    if not _in_interpreter():
+    if not interpreting():
         mods = modules if modules is not None else kernel_modules()
         return _compile_in_process(mods, tuple(archs), strict, jobs)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ._aot import AotSpec
+from ._aot import AotSpec, interpreting
 
 try:
     import triton
@@ -735,7 +734,7 @@ def _triton_ready(device: torch.device) -> None:
         raise RuntimeError(
             "backend='triton' needs the triton package (pip install triton); use backend='torch'"
         )
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if device.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors (got {device}); use backend='torch', or set TRITON_INTERPRET=1 "
             "before importing triton to run the kernels in the interpreter"

@@ -66,11 +66,12 @@ Two designs (``impl``), three paths:
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+from ._aot import interpreting
 
 try:
     import triton
@@ -669,8 +670,7 @@ def _scale_unless_one(x: torch.Tensor, factor: torch.Tensor, one: bool | None) -
     a GPU) tested on the device by :func:`_flce_scale_kernel`, which then reads and writes nothing of ``x``."""
     if one:
         return
-    interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    on_device = x.is_cuda or interpreted  # CPU tensors: the interpreter (tests)
+    on_device = x.is_cuda or (x.device.type == "cpu" and interpreting())  # CPU: the interpreter (tests)
     if one is None and triton is not None and on_device and x.is_contiguous() and x.dtype in _SCALE_DTYPES:
         f = factor.to(device=x.device, dtype=torch.float32).reshape(1)
         _flce_scale_kernel[(triton.cdiv(x.numel(), _SCALE_CONFIG["BLOCK"]),)](

@@ -46,9 +46,9 @@ fresh masks; ``torch.manual_seed`` makes it reproducible. An ``int`` seed gives 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._aot import interpreting
 
 try:
     import triton
@@ -353,10 +353,6 @@ class _TritonLoRA(torch.autograd.Function):
         return dx, dw, da, db, dbias, None, None, None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
@@ -365,7 +361,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if triton is None:
             raise RuntimeError("backend='triton' needs triton installed; use backend='torch'")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {device}); use backend='torch' or set TRITON_INTERPRET=1"
             )
